@@ -1,0 +1,136 @@
+"""``mimkit`` command line: subcommands only parse arguments and dispatch.
+
+User mistakes (:class:`MimkitError`) print one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from mimkit import __version__
+from mimkit.errors import MimkitError
+
+
+def _common(*, checkpoint: bool = False, which: bool = False, output: bool = True) -> argparse.ArgumentParser:
+    """Options shared by the subcommands (one definition, reused via ``parents=``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", metavar="NAME|FILE.yaml", help="preset name (see `mimkit presets`) or YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, dotted key (repeatable), e.g. --set train.epochs=5")
+    if output:
+        p.add_argument("--output", metavar="DIR", help="run folder (default: runs/<preset>-<time>)")
+    if checkpoint:
+        p.add_argument("--checkpoint", metavar="PATH", required=True, help="a mimkit checkpoint (.pt)")
+    if which:
+        p.add_argument("--which", choices=("teacher", "student"), default=None,
+                       help="encoder to use (default: the method's own; teacher for RC-MAE, student for MAE/SdAE)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None, help="default: auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimkit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", parents=[_common()], help="pre-train (no arguments: the embedded demo)")
+    p.add_argument("--method", choices=("mae", "rc-mae", "sdae"), help="shortcut for --set method.name=...")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
+    p.set_defaults(func=cmd_pretrain)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder").add_subparsers(dest="eval_command", required=True)
+    p = ev.add_parser("knn", parents=[_common(checkpoint=True, which=True)], help="weighted kNN on frozen features")
+    p.set_defaults(func=cmd_eval_knn)
+
+    vis = sub.add_parser("visualize", help="pictures").add_subparsers(dest="vis_command", required=True)
+    p = vis.add_parser("reconstruction", parents=[_common(checkpoint=True, which=True, output=False)],
+                       help="original | masked | prediction | pasted, fixed masks")
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="mask seed (same seed = same masks for any checkpoint)")
+    p.set_defaults(func=cmd_visualize_reconstruction)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_pretrain(args) -> int:
+    from mimkit.config import build_config
+    from mimkit.train.loop import pretrain
+
+    extra = {}
+    if args.method:
+        extra["method.name"] = args.method
+    if args.device:
+        extra["train.device"] = args.device
+    output = args.output
+    if output is None:
+        if args.resume:
+            raise MimkitError("--resume needs --output DIR, the run folder to continue")
+        name = Path(args.config).stem if args.config else "demo"
+        output = str(Path("runs") / f"{name}-{args.method or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = build_config(args.config, args.overrides, extra)
+    pretrain(cfg, output, resume=args.resume, overrides=tuple(args.overrides),
+             show_progress=False if args.no_progress else None)
+    return 0
+
+
+def cmd_eval_knn(args) -> int:
+    from mimkit.api import load_for_eval, result_path
+    from mimkit.eval.knn import evaluate_knn
+
+    loaded = load_for_eval(args.checkpoint, args.overrides, args.device, which=args.which)
+    cfg = loaded.cfg
+    res = evaluate_knn(loaded.encoder, loaded.data, device=loaded.device, k=cfg.eval.knn_k,
+                       temperature=cfg.eval.knn_t, pool=cfg.eval.pool, batch_size=cfg.eval.batch_size,
+                       show_progress=not args.no_progress and sys.stderr.isatty())
+    res.update(which=loaded.which, checkpoint=str(args.checkpoint), k=cfg.eval.knn_k, pool=cfg.eval.pool)
+    out = result_path(args.checkpoint, args.output, "eval_knn.json")
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"kNN top-1 ({loaded.which} encoder, k={cfg.eval.knn_k}): {res['knn_top1']:.4f}  -> {out}")
+    return 0
+
+
+def cmd_visualize_reconstruction(args) -> int:
+    from mimkit.api import load_for_eval
+    from mimkit.viz import save_reconstruction_grid
+
+    loaded = load_for_eval(args.checkpoint, args.overrides, args.device, which=args.which)
+    images = loaded.data.sample_images(args.num_images)
+    png = save_reconstruction_grid(loaded.method, images, Path(args.out), loaded.data.mean, loaded.data.std,
+                                   seed=args.seed, which=loaded.which)
+    if png is None:
+        raise MimkitError(f"method {loaded.method.name} does not predict pixels; no reconstruction to draw")
+    print(f"reconstructions ({loaded.which}): {png}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from mimkit.config import preset_description, preset_names
+
+    for name in preset_names():
+        print(f"{name:24s} {preset_description(name)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MimkitError as e:
+        print(f"mimkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mimkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

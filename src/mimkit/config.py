@@ -1,0 +1,319 @@
+"""Typed configuration: dataclasses, presets shipped in the package, YAML files, ``--set`` overrides.
+
+Resolution order: dataclass defaults < preset or YAML file (``--config``) < ``--set key=value``.
+Unknown keys and ill-typed values raise :class:`MimkitError` naming the key and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mimkit.errors import MimkitError
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"                 # demo | fashion-mnist | cifar10 | imagefolder
+    path: str | None = None            # folder / archive for every source but demo
+    cache_dir: str | None = None       # decoded-array cache (default $MIMKIT_CACHE or ~/.cache/mimkit)
+    strict: bool = False               # fail on an unreadable image instead of skipping it
+    in_memory: str = "auto"            # auto | true | false
+    num_workers: int | None = None     # DataLoader workers for folder-backed data
+    channels: int | None = None        # 1 or 3 for imagefolder (default 3)
+    max_train: int | None = None       # keep a fixed random subset of the training images
+    max_test: int | None = None        # ... and of the held-out images
+    mean: list[float] | None = None    # per-channel normalisation (default: the source's own)
+    std: list[float] | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny"             # vit_tiny | vit_small | vit_base | vit_large | vit_huge
+    patch_size: int = 16
+    img_size: int = 224
+    embed_dim: int | None = None       # overrides of the named size
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+
+
+@dataclass
+class MethodConfig:
+    name: str = "mae"                  # mae | rc-mae | sdae
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    # EMA teacher (rc-mae, sdae). None = the method's published default.
+    momentum: float | None = None
+    momentum_final: float | None = None
+    momentum_schedule: str | None = None   # constant | cosine
+    ema_unit: str | None = None            # step | epoch
+    # rc-mae
+    mask_mode: str = "same"            # same (RC-MAE-S) | different (RC-MAE-D)
+    gamma: float = 1.0
+    grad_align_every: int = 0          # 0 = off; K = log cos(grad L_r, grad L_c) every K steps
+    # sdae
+    teacher_input: str = "multifold"   # full | masked | crop | multifold
+    folds: int = 3
+    crop_ratio: float = 0.33
+    cosine_dim: str = "token"          # token (Eq. 4) | reference (the official code's dim=1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 64               # per process, per micro-step
+    accum_steps: int = 1
+    blr: float = 1.5e-4                # lr = blr * effective_batch / 256
+    lr: float | None = None            # absolute lr; overrides blr when set
+    min_lr: float = 0.0
+    warmup_epochs: float = 10
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float | None = None
+    seed: int = 0
+    deterministic: bool = False
+    ckpt_every: int = 20               # epochs between kept checkpoints (last.pt is written every epoch)
+    precision: str = "auto"            # auto | fp32 | bf16 | fp16 (autocast on CUDA only)
+    log_every: int = 10                # optimiser steps between metrics.jsonl lines
+    pictures_every: int = 0            # epochs between reconstruction PNGs (0 = only at the end)
+    device: str = "auto"               # auto | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_t: float = 0.07
+    pool: str = "cls"                  # cls | mean
+    knn_every: int = 0                 # epochs between kNN evaluations during training (0 = end only)
+    knn_init: bool = False             # also measure the encoder at initialisation
+    batch_size: int = 256
+    which: str | None = None           # student | teacher (None = the method's default)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("demo", "fashion-mnist", "cifar10", "imagefolder"),
+    "data.in_memory": ("auto", "true", "false"),
+    "model.name": ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"),
+    "method.name": ("mae", "rc-mae", "sdae"),
+    "method.mask_mode": ("same", "different"),
+    "method.momentum_schedule": ("constant", "cosine"),
+    "method.ema_unit": ("step", "epoch"),
+    "method.teacher_input": ("full", "masked", "crop", "multifold"),
+    "method.cosine_dim": ("token", "reference"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "eval.pool": ("cls", "mean"),
+    "eval.which": ("student", "teacher"),
+}
+
+
+# --------------------------------------------------------------------------------------------- presets
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("mimkit.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_description(name: str) -> str:
+    text = resources.files("mimkit.presets").joinpath(f"{name}.yaml").read_text()
+    first = text.splitlines()[0] if text else ""
+    return first.lstrip("# ").strip()
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise MimkitError(f"{origin} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise MimkitError(f"{origin} must hold a mapping of sections (data, model, method, train, eval)")
+    return data
+
+
+def load_source(name_or_file: str | None) -> dict[str, Any]:
+    """The raw mapping of a preset name or a YAML file (``None`` = the demo preset)."""
+    if name_or_file is None:
+        name_or_file = "demo"
+    if name_or_file.endswith((".yaml", ".yml")) or Path(name_or_file).is_file():
+        path = Path(name_or_file)
+        if not path.is_file():
+            raise MimkitError(f"config file {name_or_file} does not exist")
+        return _read_yaml(path.read_text(), str(path))
+    if name_or_file not in preset_names():
+        raise MimkitError(
+            f"unknown preset {name_or_file!r}; accepted: {', '.join(preset_names())} or a path to a .yaml file"
+        )
+    text = resources.files("mimkit.presets").joinpath(f"{name_or_file}.yaml").read_text()
+    return _read_yaml(text, f"preset {name_or_file}")
+
+
+# ----------------------------------------------------------------------------------------- overrides
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert ``value`` for a field annotated ``tp`` (str, int, float, bool, list, Optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise MimkitError(f"{key} must be a list, e.g. {key}=[0.5,0.5], got {value!r}")
+        return [_coerce(key, v, inner) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise MimkitError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise MimkitError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MimkitError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool):
+            value = str(value).lower()
+        if not isinstance(value, (str, int, float)):
+            raise MimkitError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _section_types(section_cls) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def apply_mapping(cfg: Config, mapping: dict[str, Any], origin: str) -> None:
+    """Apply a nested mapping {section: {key: value}} onto ``cfg`` with type checks."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for sec, values in mapping.items():
+        if sec not in sections:
+            raise MimkitError(f"unknown config section {sec!r} in {origin}; accepted: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise MimkitError(f"config section {sec!r} in {origin} must be a mapping of keys")
+        for key, value in values.items():
+            set_value(cfg, f"{sec}.{key}", value)
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if len(parts) != 2 or parts[0] not in sections:
+        raise MimkitError(
+            f"unknown config key {dotted!r}; keys look like section.name with section one of {', '.join(sorted(sections))}"
+        )
+    sec, key = parts
+    section = getattr(cfg, sec)
+    types_ = _section_types(type(section))
+    if key not in types_:
+        raise MimkitError(f"unknown config key {dotted!r}; accepted keys in {sec}: {', '.join(types_)}")
+    setattr(section, key, _coerce(dotted, value, types_[key]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise MimkitError(f"--set expects key=value (e.g. train.epochs=10), got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 extra: dict[str, Any] | None = None) -> Config:
+    """Resolve defaults < preset/file < ``extra`` (dotted keys from CLI shortcuts) < ``--set``."""
+    cfg = Config()
+    apply_mapping(cfg, load_source(source), source or "preset demo")
+    for key, value in (extra or {}).items():
+        set_value(cfg, key, value)
+    for item in overrides:
+        set_value(cfg, *parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(mapping: dict[str, Any]) -> Config:
+    """Rebuild a config saved in a checkpoint or run folder."""
+    cfg = Config()
+    apply_mapping(cfg, mapping, "saved config")
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- validation
+METHOD_EMA_DEFAULTS = {
+    # rc-mae: published runs use a constant 0.996 updated every step (REFERENCE_NOTES, App. E.2)
+    "rc-mae": {"momentum": 0.996, "momentum_final": None, "momentum_schedule": "constant", "ema_unit": "step"},
+    # sdae: supplement, cosine 0.96 -> 0.99 over epochs, one update per epoch
+    "sdae": {"momentum": 0.96, "momentum_final": 0.99, "momentum_schedule": "cosine", "ema_unit": "epoch"},
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges; fill method-dependent defaults (so the saved config is concrete)."""
+    for dotted, accepted in CHOICES.items():
+        sec, key = dotted.split(".")
+        value = getattr(getattr(cfg, sec), key)
+        if value is not None and value not in accepted:
+            raise MimkitError(f"unknown value {value!r} for {dotted}; accepted: {', '.join(accepted)}")
+    m, t, mo = cfg.method, cfg.train, cfg.model
+    if not (0.0 < m.mask_ratio < 1.0):
+        raise MimkitError(f"method.mask_ratio must be in the open interval (0, 1), got {m.mask_ratio}")
+    if mo.patch_size < 1 or mo.img_size < 1 or mo.img_size % mo.patch_size:
+        raise MimkitError(
+            f"model.img_size {mo.img_size} is not divisible by model.patch_size {mo.patch_size}; "
+            "choose an image size that is a multiple of the patch size"
+        )
+    for key in ("epochs", "batch_size", "accum_steps", "ckpt_every", "log_every"):
+        if getattr(t, key) < 1:
+            raise MimkitError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.warmup_epochs < 0 or t.warmup_epochs > t.epochs:
+        raise MimkitError(f"train.warmup_epochs must be in [0, train.epochs={t.epochs}], got {t.warmup_epochs}")
+    if len(t.betas) != 2:
+        raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
+    if cfg.eval.knn_k < 1:
+        raise MimkitError(f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}")
+    for key, default in METHOD_EMA_DEFAULTS.get(m.name, {}).items():
+        if getattr(m, key) is None:
+            setattr(m, key, default)
+    if m.momentum is not None and not (0.0 <= m.momentum <= 1.0):
+        raise MimkitError(f"method.momentum must be in [0, 1], got {m.momentum}")

@@ -1,0 +1,68 @@
+"""Weighted k-nearest-neighbour classification of frozen features (Wu et al. 2018, as in DINO).
+
+Features of the *unmasked* image, L2-normalised; cosine similarity; the k nearest training samples vote
+with weight exp(sim / T). k = 20, T = 0.07 by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mimkit.models.vit import pool_features
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], pool: str = "cls",
+                     show_progress: bool = False, desc: str = "features") -> tuple[Tensor, Tensor]:
+    """Run the encoder with masking off over (images, labels) batches -> (features (M, D) fp32 CPU, labels (M,))."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    for images, y in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
+        feats.append(pool_features(encoder.forward_features(images), pool).float().cpu())
+        labels.append(y.cpu())
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k: int = 20, temperature: float = 0.07,
+                num_classes: int | None = None, chunk: int = 1024) -> Tensor:
+    """Weighted kNN votes: (M, D), (M,), (Q, D) -> class scores (Q, C)."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    bank = F.normalize(train_feats.float(), dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, test_feats.shape[0], chunk):
+        q = F.normalize(test_feats[start:start + chunk].float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor, k: int = 20,
+                 temperature: float = 0.07) -> dict[str, float]:
+    """Top-1 (and top-5 when there are > 5 classes) accuracy of weighted kNN."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_predict(train_feats, train_labels, test_feats, k, temperature, num_classes)
+    out = {"knn_top1": (scores.argmax(1) == test_labels).float().mean().item()}
+    if num_classes > 5:
+        top5 = scores.topk(5, dim=1).indices
+        out["knn_top5"] = (top5 == test_labels[:, None]).any(1).float().mean().item()
+    return out
+
+
+def evaluate_knn(encoder: nn.Module, data, *, device, k: int = 20, temperature: float = 0.07, pool: str = "cls",
+                 batch_size: int = 256, show_progress: bool = False) -> dict[str, float]:
+    """kNN of ``encoder`` on a DataModule: train split as the bank, test split as queries."""
+    tr = extract_features(encoder, data.eval_batches("train", batch_size, device), pool, show_progress, "kNN bank")
+    te = extract_features(encoder, data.eval_batches("test", batch_size, device), pool, show_progress, "kNN queries")
+    return knn_accuracy(*tr, *te, k=k, temperature=temperature)

@@ -1,0 +1,34 @@
+"""Method registry: ``method.name`` -> a :class:`Method` built from the config."""
+
+from __future__ import annotations
+
+from mimkit.errors import MimkitError
+from mimkit.methods.base import Method, Progress, StepOutput
+from mimkit.models.vit import resolve_model_spec
+
+METHODS = ("mae", "rc-mae", "sdae")
+
+
+def build_method(cfg, in_chans: int) -> Method:
+    """Instantiate the configured method for images with ``in_chans`` channels."""
+    spec = resolve_model_spec(cfg.model, in_chans)
+    m = cfg.method
+    if m.name == "mae":
+        from mimkit.methods.mae import MAE
+
+        return MAE(spec, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
+    if m.name == "rc-mae":
+        from mimkit.methods.rc_mae import RCMAE
+        from mimkit.teacher import MomentumSchedule
+
+        schedule = MomentumSchedule(m.momentum, m.momentum_final, m.momentum_schedule, m.ema_unit)
+        return RCMAE(spec, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, mask_mode=m.mask_mode,
+                     gamma=m.gamma, momentum=schedule, grad_align_every=m.grad_align_every)
+    if m.name == "sdae":
+        from mimkit.methods.sdae import build_sdae
+
+        return build_sdae(cfg, spec)
+    raise MimkitError(f"unknown method {m.name!r}; accepted: {', '.join(METHODS)}")
+
+
+__all__ = ["METHODS", "Method", "Progress", "StepOutput", "build_method"]

@@ -1,0 +1,87 @@
+"""The contract between a pre-training method and the (method-agnostic) training loop.
+
+A method turns a batch of images into a loss and metrics, and says what must happen after a real
+optimiser step or an epoch (e.g. the EMA teacher update). The loop knows nothing else about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Which = Literal["student", "teacher"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands, as global positions so every schedule survives resume.
+
+    ``step`` counts optimiser steps already taken (>= 1 inside ``after_optimizer_step``). ``epoch`` is
+    the 0-based index of the running epoch during the epoch, and the number of finished epochs when
+    passed to :meth:`Method.after_epoch`.
+    """
+
+    step: int
+    epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+    @property
+    def epoch_progress(self) -> float:
+        """Fractional epoch position, e.g. 3.25 a quarter into the 4th epoch."""
+        return self.step / max(self.steps_per_epoch, 1)
+
+
+@dataclass
+class StepOutput:
+    """A scalar loss to back-propagate and metrics to log (tensors are detached by the loop)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class of the pre-training methods (MAE, RC-MAE, SdAE)."""
+
+    name: str = "method"
+    #: which encoder evaluation/export uses when the user does not say (paper defaults)
+    default_which: Which = "student"
+
+    def forward(self, images: Tensor) -> StepOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def student_parameters(self):
+        """Parameters the optimiser trains (never the teacher)."""
+        return (p for p in self.student.parameters() if p.requires_grad)
+
+    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
+        """Called once after each real optimiser step (not on accumulation micro-steps)."""
+        return {}
+
+    def after_epoch(self, progress: Progress) -> dict[str, float]:
+        """Called once at the end of each epoch."""
+        return {}
+
+    def encoder(self, which: Which = "student") -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def teacher_state_dict(self) -> dict[str, Tensor] | None:
+        """State of the teacher for checkpoints (None when the method has no teacher)."""
+        return None
+
+    def load_teacher_state_dict(self, state: dict[str, Tensor] | None) -> None:
+        if state is not None:
+            raise ValueError(f"method {self.name} has no teacher to load")
+
+    def on_train_end(self, run_dir) -> dict[str, float]:
+        """Called once after the last epoch (e.g. to draw a histogram from metrics.jsonl)."""
+        return {}
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, noise: Tensor) -> dict[str, Tensor] | None:
+        """Pixel predictions for pictures (None when the method does not predict pixels)."""
+        return None

@@ -1,0 +1,113 @@
+"""Checkpoint I/O: plain tensors and Python values only, written atomically.
+
+A checkpoint loads with ``torch.load(weights_only=True)``; a write goes to a temporary file in the
+same folder, is fsync'ed and renamed over the target, so a crash at any moment leaves either the
+old or the new file, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mimkit import __version__
+from mimkit.errors import MimkitError
+
+FORMAT = "mimkit-checkpoint-v1"
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the run touches, as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": _to_plain(random.getstate()),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(x):
+    return [_to_plain(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def make_checkpoint(*, method_name: str, config: dict, student: dict, teacher: dict | None, optimizer: dict | None,
+                    scaler: dict | None, global_step: int, epoch: int, extra: dict | None = None) -> dict[str, Any]:
+    """``epoch`` = number of finished epochs; ``global_step`` = optimiser steps taken."""
+    return {
+        "format": FORMAT,
+        "version": __version__,
+        "method": method_name,
+        "config": config,
+        "student": student,
+        "teacher": teacher,
+        "optimizer": optimizer,
+        "scaler": scaler,
+        "global_step": global_step,
+        "epoch": epoch,
+        "rng": rng_state(),
+        "extra": extra or {},
+    }
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check one of our checkpoints; one clear MimkitError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise MimkitError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MimkitError(
+            f"checkpoint {path} cannot be read (truncated, corrupt or not a plain-tensor mimkit checkpoint: {reason[:160]})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise MimkitError(
+            f"{path} is not a mimkit checkpoint (expected a dict with format={FORMAT!r}); "
+            "foreign MAE/RC-MAE/SdAE files are imported with `mimkit export`/import tools"
+        )
+    return ckpt

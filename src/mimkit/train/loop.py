@@ -1,0 +1,283 @@
+"""The method-agnostic pre-training loop: epochs, accumulation, precision, logging, checkpoints, resume.
+
+Determinism and exact resume: every source of randomness is a function of (seed, epoch[, batch]):
+the data order and augmentation come from generators seeded per epoch/batch, and the global RNG
+(masks, drop path) is re-seeded at the start of every epoch. Checkpoints are written at epoch ends,
+so a run killed at any moment and resumed from ``last.pt`` replays the interrupted epoch exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mimkit.config import Config, config_from_dict, parse_override, set_value
+from mimkit.errors import MimkitError
+from mimkit.eval.knn import evaluate_knn
+from mimkit.methods import Method, Progress, build_method
+from mimkit.runtime import datamodule_from_config, resolve_device
+from mimkit.train.checkpoint import atomic_save, load_checkpoint, make_checkpoint, set_rng_state
+from mimkit.train.optim import build_adamw, effective_lr, lr_at, set_lr
+from mimkit.train.runlog import RunLog, prepare_run_dir, truncate_metrics, write_json
+from mimkit.viz import save_reconstruction_grid
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None = fp32. Autocast only on CUDA: bf16 is very slow on CPUs without AVX-512/AMX."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def show_progress_default() -> bool:
+    return sys.stderr.isatty()
+
+
+@dataclass
+class Trainer:
+    """Builds everything from a config and runs pre-training into ``run_dir``."""
+
+    cfg: Config
+    run_dir: Path
+    resume: bool = False
+    show_progress: bool | None = None
+    echo: bool = True
+    cfg_overrides: tuple[str, ...] = ()  # --set items, re-applied over the saved config on resume
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        run_dir = prepare_run_dir(self.run_dir, self.resume)
+        ckpt = None
+        if self.resume:
+            ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+            saved = config_from_dict(ckpt["config"])
+            # the saved config wins; only what the user overrides now (e.g. more epochs) changes
+            for item in self.cfg_overrides:
+                set_value(saved, *parse_override(item))
+            cfg = saved
+            dropped = truncate_metrics(run_dir / "metrics.jsonl", ckpt["global_step"])
+        log = RunLog(run_dir, echo=self.echo, purge_step=(ckpt["global_step"] + 1) if ckpt else None)
+        try:
+            return self._run(cfg, run_dir, ckpt, log, dropped if ckpt else 0)
+        finally:
+            log.close()
+
+    # ------------------------------------------------------------------------------------------------
+    def _run(self, cfg: Config, run_dir: Path, ckpt: dict | None, log: RunLog, dropped: int) -> dict[str, Any]:
+        t_start = time.time()
+        tr = cfg.train
+        device = resolve_device(tr.device)
+        set_determinism(tr.seed, tr.deterministic)
+        show = show_progress_default() if self.show_progress is None else self.show_progress
+
+        data = datamodule_from_config(cfg, log=log.info)
+        method = build_method(cfg, data.in_chans).to(device)
+        world_size = 1
+        effective_batch = tr.batch_size * tr.accum_steps * world_size
+        peak_lr = tr.lr if tr.lr is not None else effective_lr(tr.blr, effective_batch)
+        micro_per_epoch = data.steps_per_epoch(tr.batch_size, world_size)
+        steps_per_epoch = micro_per_epoch // tr.accum_steps
+        if steps_per_epoch < 1:
+            raise MimkitError(
+                f"train.batch_size {tr.batch_size} x train.accum_steps {tr.accum_steps} is larger than the "
+                f"{data.num_train} training images; lower the batch size"
+            )
+        total_steps = steps_per_epoch * tr.epochs
+        warmup_steps = round(tr.warmup_epochs * steps_per_epoch)
+        optimizer = build_adamw(method.student.named_parameters(), peak_lr, tr.weight_decay, tr.betas)
+        amp_dtype = autocast_dtype(tr.precision, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+        start_epoch, step, extra = 0, 0, {}
+        if ckpt is not None:
+            method.student.load_state_dict(ckpt["student"])
+            method.load_teacher_state_dict(ckpt["teacher"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, step, extra = ckpt["epoch"], ckpt["global_step"], dict(ckpt.get("extra") or {})
+            set_rng_state(ckpt["rng"])
+            log.info(f"resumed {run_dir} at epoch {start_epoch}, step {step}"
+                     + (f" (dropped {dropped} metrics lines logged after that checkpoint)" if dropped else ""))
+        else:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+        n_student = sum(p.numel() for p in method.student_parameters())
+        log.info(
+            f"mimkit pretrain: method={method.name} model={cfg.model.name}/{cfg.model.patch_size}@{cfg.model.img_size} "
+            f"({n_student / 1e6:.2f}M trainable) data={cfg.data.name} ({data.num_train} train images) device={device}"
+            f"{' precision=' + str(amp_dtype).split('.')[-1] if amp_dtype else ' precision=fp32'}"
+        )
+        log.info(
+            f"lr = {peak_lr:.3g} (blr {tr.blr:g} x effective batch {effective_batch} / 256"
+            f"{'; set directly by train.lr' if tr.lr is not None else ''}), {steps_per_epoch} steps/epoch, "
+            f"{total_steps} steps, warmup {warmup_steps} steps"
+        )
+
+        has_labels = data.classes is not None and data.has_test
+        eval_which = cfg.eval.which or method.default_which
+        if ckpt is None and cfg.eval.knn_init and has_labels:
+            res = self._knn(method, data, cfg, device, eval_which, show)
+            extra["knn_top1_init"] = res["knn_top1"]
+            log.info(f"kNN top-1 at initialisation ({eval_which}): {res['knn_top1']:.4f}")
+
+        wall_before = float(extra.get("wall_time_s", 0.0))
+        pictures = data.sample_images(8)
+        progress = Progress(step, start_epoch, steps_per_epoch, total_steps, tr.epochs)
+        step_times: list[float] = list(extra.get("imgs_per_s_history", []))
+        last_record: dict[str, Any] = dict(extra.get("last_record", {}))
+        for epoch in range(start_epoch, tr.epochs):
+            torch.manual_seed(epoch_seed(tr.seed, epoch))
+            method.train()
+            batches = data.train_batches(epoch, tr.batch_size, tr.seed, device)
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tr.epochs}", disable=not show, leave=False)
+            window: dict[str, torch.Tensor] = {}
+            window_n, window_t0, window_imgs = 0, time.perf_counter(), 0
+            for micro, images in enumerate(batches):
+                if micro >= steps_per_epoch * tr.accum_steps:
+                    break
+                ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+                with ctx:
+                    out = method(images)
+                scaler.scale(out.loss / tr.accum_steps).backward()
+                for k, v in {"loss": out.loss, **out.metrics}.items():
+                    v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                    window[k] = window[k] + v if k in window else v
+                window_n += 1
+                window_imgs += images.shape[0]
+                if (micro + 1) % tr.accum_steps:
+                    continue  # accumulation micro-step: no optimiser step, no EMA update
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr, tr.min_lr)
+                set_lr(optimizer, lr)
+                if tr.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(list(method.student_parameters()), tr.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                progress = Progress(step, epoch, steps_per_epoch, total_steps, tr.epochs)
+                after = method.after_optimizer_step(progress)
+                bar.update(1)
+                if step % tr.log_every == 0 or step == total_steps:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - window_t0
+                    record = {"step": step, "epoch": epoch, "lr": lr}
+                    record.update({k: (v / window_n).item() for k, v in window.items()})
+                    record.update({k: float(v) for k, v in after.items()})
+                    record["imgs_per_s"] = window_imgs / max(elapsed, 1e-9)
+                    if not all(torch.isfinite(torch.tensor(v)) for v in record.values() if isinstance(v, float)):
+                        raise MimkitError(
+                            f"loss became non-finite at step {step} (epoch {epoch + 1}); the last checkpoint "
+                            f"{run_dir / 'checkpoints' / 'last.pt'} is intact: resume with a lower train.blr or "
+                            "train.clip_grad, or precision=fp32"
+                        )
+                    log.metrics(record)
+                    step_times.append(record["imgs_per_s"])
+                    last_record = record
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                    window, window_n, window_t0, window_imgs = {}, 0, time.perf_counter(), 0
+            bar.close()
+            optimizer.zero_grad(set_to_none=True)  # drop a trailing partial accumulation
+            done = epoch + 1
+            progress = Progress(step, done, steps_per_epoch, total_steps, tr.epochs)
+            after_epoch = method.after_epoch(progress)
+            if after_epoch:
+                log.metrics({"step": step, "epoch": epoch, **{k: float(v) for k, v in after_epoch.items()}})
+            if cfg.eval.knn_every and done % cfg.eval.knn_every == 0 and done < tr.epochs and has_labels:
+                res = self._knn(method, data, cfg, device, eval_which, show)
+                log.metrics({"step": step, "epoch": epoch, **res})
+                log.scalar("eval/knn_top1", res["knn_top1"], step)
+                log.info(f"epoch {done}: kNN top-1 {res['knn_top1']:.4f}")
+            if tr.pictures_every and done % tr.pictures_every == 0 and done < tr.epochs:
+                self._pictures(method, pictures, data, run_dir / "reconstructions" / f"epoch_{done:04d}.png", eval_which)
+            extra.update(imgs_per_s_history=step_times[-1000:], last_record=last_record,
+                         wall_time_s=wall_before + time.time() - t_start)
+            state = make_checkpoint(
+                method_name=method.name, config=cfg.to_dict(), student=method.student.state_dict(),
+                teacher=method.teacher_state_dict(), optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict() if scaler.is_enabled() else None, global_step=step, epoch=done,
+                extra=extra,
+            )
+            atomic_save(state, run_dir / "checkpoints" / "last.pt")
+            if done % tr.ckpt_every == 0 or done == tr.epochs:
+                atomic_save(state, run_dir / "checkpoints" / f"epoch_{done:04d}.pt")
+            log.info(f"epoch {done}/{tr.epochs} step {step} loss {last_record.get('loss', float('nan')):.4f} "
+                     f"({time.time() - t_start:.0f}s)")
+
+        return self._finish(cfg, method, data, device, run_dir, log, extra, last_record, step_times, pictures,
+                            eval_which, show, wall_before - t_start, step, peak_lr)
+
+    # ------------------------------------------------------------------------------------------------
+    def _knn(self, method: Method, data, cfg: Config, device, which: str, show: bool) -> dict[str, float]:
+        return evaluate_knn(method.encoder(which), data, device=device, k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
+                            pool=cfg.eval.pool, batch_size=cfg.eval.batch_size, show_progress=show)
+
+    def _pictures(self, method: Method, images, data, path: Path, which: str) -> Path | None:
+        return save_reconstruction_grid(method, images, path, data.mean, data.std, seed=0, which=which)
+
+    def _finish(self, cfg, method, data, device, run_dir, log, extra, last_record, step_times, pictures, which, show,
+                wall_offset, step, peak_lr) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "method": method.name, "epochs": cfg.train.epochs, "steps": step, "peak_lr": peak_lr,
+            "final_loss": last_record.get("loss"), "eval_which": which,
+            "imgs_per_s_median": statistics.median(step_times) if step_times else None,
+            "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
+        }
+        for key in ("loss_rec", "loss_cons"):
+            if key in last_record:
+                summary[f"final_{key}"] = last_record[key]
+        if "knn_top1_init" in extra:
+            summary["knn_top1_init"] = extra["knn_top1_init"]
+        if data.classes is not None and data.has_test:
+            res = self._knn(method, data, cfg, device, which, show)
+            summary.update(res)
+            log.scalar("eval/knn_top1", res["knn_top1"], step)
+        png = self._pictures(method, pictures, data, run_dir / "reconstructions" / "final.png", which)
+        if png is not None:
+            summary["reconstruction"] = str(png)
+        summary.update(method.on_train_end(run_dir))
+        summary["wall_time_s"] = time.time() + wall_offset  # this session's time plus earlier sessions'
+        write_json(run_dir / "summary.json", summary)
+        if "knn_top1" in summary:
+            init = summary.get("knn_top1_init")
+            gain = f" (at initialisation {init:.4f}, +{100 * (summary['knn_top1'] - init):.1f} points)" if init is not None else ""
+            log.info(f"kNN top-1 ({which} encoder, k={cfg.eval.knn_k}): {summary['knn_top1']:.4f}{gain}")
+        log.info(f"run folder: {run_dir}")
+        log.info(f"checkpoint: {summary['checkpoint']}")
+        if png is not None:
+            log.info(f"reconstructions: {png}")
+        return summary
+
+
+def pretrain(cfg: Config, output: str | os.PathLike, *, resume: bool = False, overrides: tuple[str, ...] = (),
+             show_progress: bool | None = None, echo: bool = True) -> dict[str, Any]:
+    """Pre-train per ``cfg`` into ``output`` (or continue it with ``resume``); returns the summary."""
+    return Trainer(cfg, Path(output), resume, show_progress, echo, tuple(overrides)).run()

@@ -1,0 +1,110 @@
+"""Run folder bookkeeping: the output folder guard, a text log, metrics.jsonl and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mimkit.errors import MimkitError
+
+
+def prepare_run_dir(output: Path, resume: bool) -> Path:
+    """Create the run folder; refuse to write into a non-empty one unless resuming."""
+    output = Path(output)
+    if resume:
+        if not (output / "checkpoints" / "last.pt").is_file():
+            raise MimkitError(f"nothing to resume: {output / 'checkpoints' / 'last.pt'} does not exist")
+        return output
+    if output.exists() and not output.is_dir():
+        raise MimkitError(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        raise MimkitError(
+            f"output folder {output} is not empty; pass --resume to continue that run or choose another --output"
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+class RunLog:
+    """Lines to stdout and ``train.log``; metrics to ``metrics.jsonl`` and TensorBoard (rank 0 only)."""
+
+    def __init__(self, run_dir: Path | None, *, echo: bool = True, tensorboard: bool = True, purge_step: int | None = None):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.echo = echo
+        self._tb = None
+        self._text = None
+        self._metrics = None
+        if self.run_dir is not None:
+            self._text = open(self.run_dir / "train.log", "a", buffering=1)
+            self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
+                except ImportError:  # pragma: no cover - tensorboard is a dependency
+                    self._tb = None
+
+    def info(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        if self.echo:
+            print(message, file=sys.stdout, flush=True)
+        if self._text is not None:
+            self._text.write(f"{stamp} {message}\n")
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        for f in (self._text, self._metrics):
+            if f is not None:
+                f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop metrics lines logged after ``last_step`` (work lost by a crash and redone on resume).
+
+    Rewrites atomically; returns the number of lines dropped.
+    """
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            dropped += 1
+            continue
+        if rec.get("step", 0) <= last_step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return dropped
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
