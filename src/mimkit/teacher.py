@@ -1,0 +1,199 @@
+"""The exponential-moving-average ("mean") teacher shared by the teacher-student methods.
+
+rc-mae.txt Eq. (2): after every optimiser step the teacher's weights become
+``T <- m * T + (1 - m) * S``, with the student's weights ``S`` and a momentum ``m`` close to 1.
+
+Two pieces:
+
+* :class:`MomentumSchedule` gives ``m`` as a function of the *global* training position
+  (optimiser steps or finished epochs), so a resumed run continues with exactly the momenta an
+  uninterrupted run would have used.
+* :class:`EMATeacher` holds a frozen, always-eval copy of the student module and applies the
+  update with fused ``torch._foreach_*`` kernels over all parameters at once.
+
+Departure from the RC-MAE reference code (see ``REFERENCE_NOTES.md``): the reference indexes its
+cosine schedule (0.996 -> 1) by the iteration *within the epoch*, so the momentum effectively stays
+at 0.996 for the whole run, and it also updates the teacher on gradient-accumulation micro-steps.
+Here a cosine schedule is indexed by the global optimiser step (or finished epoch) and the teacher
+is updated only after real optimiser steps; ``MomentumSchedule(0.996)`` (constant, the default)
+reproduces the published runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from mimkit.errors import MimkitError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mimkit.methods.base import Progress
+
+MOMENTUM_KINDS = ("constant", "cosine")
+MOMENTUM_UNITS = ("step", "epoch")
+
+
+def _check_momentum(name: str, value) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0
+    if not ok:
+        raise MimkitError(f"teacher momentum {name} must be a number in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class MomentumSchedule:
+    """EMA momentum over training.
+
+    Attributes:
+        base: momentum of the first update (and of every update when ``kind="constant"``).
+        final: momentum of the last update (``kind="cosine"`` only; ignored when constant).
+        kind: ``"constant"`` or ``"cosine"`` (half-cosine from ``base`` up to ``final``).
+        unit: ``"step"`` (update after every optimiser step) or ``"epoch"`` (after every epoch).
+    """
+
+    base: float = 0.996
+    final: float | None = None
+    kind: str = "constant"
+    unit: str = "step"
+
+    def __post_init__(self) -> None:
+        _check_momentum("base", self.base)
+        if self.final is not None:
+            _check_momentum("final", self.final)
+        if self.kind not in MOMENTUM_KINDS:
+            raise MimkitError(f"unknown momentum schedule kind {self.kind!r}; accepted: {', '.join(MOMENTUM_KINDS)}")
+        if self.unit not in MOMENTUM_UNITS:
+            raise MimkitError(f"unknown momentum schedule unit {self.unit!r}; accepted: {', '.join(MOMENTUM_UNITS)}")
+        if self.kind == "cosine" and self.final is None:
+            raise MimkitError("momentum schedule kind 'cosine' needs a final momentum, got final=None")
+
+    def value(self, index: int, total: int) -> float:
+        """Momentum of the ``index``-th update (from 0) out of updates ``0 .. total``.
+
+        cosine: ``final - (final - base) * (cos(pi * index / total) + 1) / 2``, so index 0 gives
+        ``base`` and index ``total`` gives ``final``; index is clamped to ``[0, total]``.
+        """
+        if self.kind == "constant":
+            return float(self.base)
+        total = max(int(total), 1)
+        index = min(max(int(index), 0), total)
+        base, final = float(self.base), float(self.final)
+        return final - (final - base) * (math.cos(math.pi * index / total) + 1.0) / 2.0
+
+    def position(self, progress: Progress) -> tuple[int, int]:
+        """(index, total) of the update that happens now, from the global training position.
+
+        unit ``step`` (called after an optimiser step): ``progress.step`` optimiser steps are done,
+        so this is update ``step - 1`` of ``0 .. total_steps - 1``.
+        unit ``epoch`` (called after an epoch, when ``progress.epoch`` = epochs finished): this is
+        update ``epoch - 1`` of ``0 .. epochs - 1``.
+        """
+        if self.unit == "step":
+            return progress.step - 1, max(progress.total_steps - 1, 1)
+        return progress.epoch - 1, max(progress.epochs - 1, 1)
+
+    def momentum_for(self, progress: Progress) -> float:
+        """Momentum for the update made now (see :meth:`position`); a pure function of the
+        global position, so resume continues the schedule exactly."""
+        return self.value(*self.position(progress))
+
+
+class EMATeacher(nn.Module):
+    """A frozen copy of ``student_module`` updated by EMA (rc-mae Eq. 2).
+
+    * initialised as a deep copy of the student (same weights at step 0);
+    * every parameter has ``requires_grad=False``; it must never be given to the optimiser
+      (``Method.student_parameters`` only yields the student's);
+    * always in eval mode: :meth:`train` is overridden, so ``method.train()`` cannot switch the
+      teacher's dropout / drop path on;
+    * :meth:`forward` runs under ``torch.no_grad()`` (no graph, no saved activations).
+
+    The (teacher, student) parameter lists are built once and cached. They stay valid after
+    ``load_state_dict`` (which copies in place); the cache is dropped anyway after any
+    ``load_state_dict`` through the teacher, after ``.to()/.cuda()/.half()`` and when a different
+    student object is passed. Call :meth:`refresh` after replacing the *student's* parameter objects
+    (e.g. ``student.load_state_dict(..., assign=True)``).
+    """
+
+    def __init__(self, student_module: nn.Module):
+        super().__init__()
+        self.module = copy.deepcopy(student_module)
+        self.module.requires_grad_(False)
+        self._cache: tuple | None = None
+        # any load_state_dict that reaches the copy (directly or through a parent) drops the cache
+        self.module.register_load_state_dict_post_hook(self._on_load)
+        super().train(False)
+
+    # -- mode -------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> EMATeacher:
+        """Always eval: the teacher's forward is deterministic whatever the method's mode."""
+        return super().train(False)
+
+    # -- cache ------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Forget the cached parameter lists (rebuilt on the next :meth:`update`)."""
+        self._cache = None
+
+    def _on_load(self, module: nn.Module, incompatible_keys) -> None:
+        self.refresh()
+
+    def _apply(self, fn, recurse: bool = True):
+        self.refresh()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        # copies / pickles never carry the cache (it references the student module)
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    def _build_cache(self, student_module: nn.Module) -> tuple:
+        t_params = dict(self.module.named_parameters())
+        s_params = dict(student_module.named_parameters())
+        t_bufs = dict(self.module.named_buffers())
+        s_bufs = dict(student_module.named_buffers())
+        if t_params.keys() != s_params.keys() or t_bufs.keys() != s_bufs.keys():
+            diff = sorted((t_params.keys() ^ s_params.keys()) | (t_bufs.keys() ^ s_bufs.keys()))
+            raise MimkitError(f"EMA teacher and student have different structures; differing names: {diff[:5]}")
+        lerp_t, lerp_s, copy_t, copy_s = [], [], [], []
+        for name, t in t_params.items():
+            s = s_params[name]
+            if t.shape != s.shape:
+                raise MimkitError(f"EMA teacher parameter {name} has shape {tuple(t.shape)}, student {tuple(s.shape)}")
+            if t.is_floating_point():
+                lerp_t.append(t)
+                lerp_s.append(s)
+            else:
+                copy_t.append(t)
+                copy_s.append(s)
+        for name, t in t_bufs.items():
+            copy_t.append(t)
+            copy_s.append(s_bufs[name])
+        return (student_module, lerp_t, lerp_s, copy_t, copy_s)
+
+    # -- update / forward -------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, student_module: nn.Module, momentum: float) -> None:
+        """``T <- m * T + (1 - m) * S`` for every floating parameter (Eq. 2); buffers (and any
+        non-floating parameter) are copied from the student.
+
+        One fused ``_foreach_lerp_`` over all parameters: ``T + (1 - m) * (S - T)``.
+        """
+        _check_momentum("value", momentum)
+        if self._cache is None or self._cache[0] is not student_module:
+            self._cache = self._build_cache(student_module)
+        _, lerp_t, lerp_s, copy_t, copy_s = self._cache
+        weight = 1.0 - float(momentum)
+        if lerp_t and weight != 0.0:
+            torch._foreach_lerp_(lerp_t, lerp_s, weight)
+        if copy_t:
+            torch._foreach_copy_(copy_t, copy_s)
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        """The teacher's forward, without autograd."""
+        return self.module(*args, **kwargs)
