@@ -6,6 +6,7 @@ User mistakes (:class:`MimkitError`) print one line and exit with status 2, with
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -13,6 +14,11 @@ from pathlib import Path
 
 from mimkit import __version__
 from mimkit.errors import MimkitError
+
+
+#: modules that add their own subcommands: each has ``register(groups, common)`` where ``groups`` maps
+#: "top", "eval", "visualize", "analyze" to argparse sub-parser collections and ``common`` is :func:`_common`.
+COMMAND_MODULES: list[str] = []
 
 
 def _common(*, checkpoint: bool = False, which: bool = False, output: bool = True) -> argparse.ArgumentParser:
@@ -34,7 +40,7 @@ def _common(*, checkpoint: bool = False, which: bool = False, output: bool = Tru
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mimkit", description="mimkit: masked image modelling with mean teachers (MAE, RC-MAE, SdAE).")
     parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -48,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_knn)
 
     vis = sub.add_parser("visualize", help="pictures").add_subparsers(dest="vis_command", required=True)
+    ana = sub.add_parser("analyze", help="analyses of what the teacher does").add_subparsers(dest="analyze_command",
+                                                                                              required=True)
     p = vis.add_parser("reconstruction", parents=[_common(checkpoint=True, which=True, output=False)],
                        help="original | masked | prediction | pasted, fixed masks")
     p.add_argument("--out", required=True, metavar="FILE.png")
@@ -57,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
+
+    groups = {"top": sub, "eval": ev, "visualize": vis, "analyze": ana}
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(groups, _common)
     return parser
 
 

@@ -306,8 +306,8 @@ def validate(cfg: Config) -> None:
     for key in ("epochs", "batch_size", "accum_steps", "ckpt_every", "log_every"):
         if getattr(t, key) < 1:
             raise MimkitError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if t.warmup_epochs < 0 or t.warmup_epochs > t.epochs:
-        raise MimkitError(f"train.warmup_epochs must be in [0, train.epochs={t.epochs}], got {t.warmup_epochs}")
+    if t.warmup_epochs < 0:
+        raise MimkitError(f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
     if len(t.betas) != 2:
         raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
     if cfg.eval.knn_k < 1:

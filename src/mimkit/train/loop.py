@@ -157,8 +157,8 @@ class Trainer:
             method.train()
             batches = data.train_batches(epoch, tr.batch_size, tr.seed, device)
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tr.epochs}", disable=not show, leave=False)
-            window: dict[str, torch.Tensor] = {}
-            window_n, window_t0, window_imgs = 0, time.perf_counter(), 0
+            window: dict[str, tuple[torch.Tensor, int]] = {}
+            window_t0, window_imgs = time.perf_counter(), 0
             for micro, images in enumerate(batches):
                 if micro >= steps_per_epoch * tr.accum_steps:
                     break
@@ -166,10 +166,10 @@ class Trainer:
                 with ctx:
                     out = method(images)
                 scaler.scale(out.loss / tr.accum_steps).backward()
-                for k, v in {"loss": out.loss, **out.metrics}.items():
+                for k, v in {"loss": out.loss, **out.metrics}.items():  # summed; averaged per key when logged
                     v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-                    window[k] = window[k] + v if k in window else v
-                window_n += 1
+                    total, count = window.get(k, (0.0, 0))
+                    window[k] = (total + v, count + 1)
                 window_imgs += images.shape[0]
                 if (micro + 1) % tr.accum_steps:
                     continue  # accumulation micro-step: no optimiser step, no EMA update
@@ -190,7 +190,7 @@ class Trainer:
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_t0
                     record = {"step": step, "epoch": epoch, "lr": lr}
-                    record.update({k: (v / window_n).item() for k, v in window.items()})
+                    record.update({k: (total / count).item() for k, (total, count) in window.items()})
                     record.update({k: float(v) for k, v in after.items()})
                     record["imgs_per_s"] = window_imgs / max(elapsed, 1e-9)
                     if not all(torch.isfinite(torch.tensor(v)) for v in record.values() if isinstance(v, float)):
@@ -203,7 +203,7 @@ class Trainer:
                     step_times.append(record["imgs_per_s"])
                     last_record = record
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                    window, window_n, window_t0, window_imgs = {}, 0, time.perf_counter(), 0
+                    window, window_t0, window_imgs = {}, time.perf_counter(), 0
             bar.close()
             optimizer.zero_grad(set_to_none=True)  # drop a trailing partial accumulation
             done = epoch + 1
