@@ -43,3 +43,18 @@ def test_method_defaults_are_filled():
 def test_bad_overrides(item, msg):
     with pytest.raises(MimkitError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         build_config("demo", [item])
+
+
+def test_teacher_method_recipes():
+    rc = build_config("in1k-vit-base-rc-mae")
+    assert rc.method.name == "rc-mae" and rc.method.momentum == 0.996 and rc.method.mask_mode == "same"
+    assert rc.train.epochs == 1600 and rc.train.blr == 1.5e-4 and rc.train.warmup_epochs == 40
+    assert rc.train.batch_size * rc.train.accum_steps * 8 == 4096
+    small, large = build_config("in1k-vit-small-rc-mae"), build_config("in1k-vit-large-rc-mae")
+    assert (small.model.name, small.model.decoder_dim, small.model.decoder_depth) == ("vit_small", 256, 4)
+    assert (large.model.name, large.model.decoder_dim, large.model.decoder_depth) == ("vit_large", 512, 8)
+    sd = build_config("in1k-vit-base-sdae")
+    assert sd.method.name == "sdae" and sd.method.folds == 3 and sd.model.drop_path == 0.25
+    assert (sd.method.momentum, sd.method.momentum_final, sd.method.ema_unit) == (0.96, 0.99, "epoch")
+    assert sd.train.epochs == 300 and sd.train.warmup_epochs == 60
+    assert sd.train.blr * sd.train.batch_size * 8 / 256 == pytest.approx(8e-4)
