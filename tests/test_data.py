@@ -236,9 +236,22 @@ def test_train_batches_order_is_seeded_permutation() -> None:
     assert len(dropped) == 32 and len(set(dropped)) == 32  # drop_last
     r0 = [i for b in dm.train_batches(0, 4, 7, "cpu", rank=0, world_size=2) for i in _indices(b)]
     r1 = [i for b in dm.train_batches(0, 4, 7, "cpu", rank=1, world_size=2) for i in _indices(b)]
-    assert r0 == perm[0::2] and r1 == perm[1::2] and not set(r0) & set(r1)
+    # rank r takes rows r*4 .. r*4+3 of each global batch of 8: the union of the ranks' k-th batches is the
+    # k-th batch of one process with batch 8
+    assert r0 == [perm[i] for k in range(5) for i in range(8 * k, 8 * k + 4)]
+    assert r1 == [perm[i] for k in range(5) for i in range(8 * k + 4, 8 * k + 8)]
+    assert not set(r0) & set(r1)
     with pytest.raises(MimkitError, match="batch_size 64"):
         dm.steps_per_epoch(64)
+
+
+def test_ranks_split_the_global_batch_with_identical_augmentation() -> None:
+    dm = build_datamodule("demo", None, img_size=16)
+    single = list(dm.train_batches(2, 64, seed=3, device="cpu"))
+    ranks = [list(dm.train_batches(2, 32, seed=3, device="cpu", rank=r, world_size=2)) for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1])
+    for k in range(len(single)):
+        assert torch.equal(torch.cat([ranks[0][k], ranks[1][k]]), single[k])
 
 
 def test_train_batches_start_matches_skipping() -> None:

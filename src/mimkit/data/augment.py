@@ -122,6 +122,8 @@ def random_resized_crop_flip(
     hflip_p: float = 0.5,
     interpolation: str = "bicubic",
     generator: torch.Generator | None = None,
+    draw: int | None = None,
+    offset: int = 0,
 ) -> Tensor:
     """Random resized crop + horizontal flip of a whole batch.
 
@@ -132,6 +134,8 @@ def random_resized_crop_flip(
         hflip_p: probability of mirroring each image.
         interpolation: "bicubic", "bilinear" or "nearest".
         generator: source of all random numbers (drawn on its device, used on the images' device).
+        draw, offset: draw the random parameters for ``draw`` images and use rows ``offset .. offset + B``
+            (a process's share of a global batch gets the same crops whatever the number of processes).
 
     Returns: float32 ``(B, C, out_size, out_size)`` in [0, 1] on the images' device.
     """
@@ -140,8 +144,11 @@ def random_resized_crop_flip(
     if interpolation not in INTERPOLATIONS:
         raise MimkitError(f"unknown interpolation {interpolation!r} (accepted: {', '.join(INTERPOLATIONS)})")
     b, c, height, width = images_u8.shape
-    boxes = sample_crop_boxes(b, height, width, scale=scale, ratio=ratio, generator=generator)
-    flip = _rand((b,), generator) < hflip_p
+    n = b if draw is None else draw
+    if not 0 <= offset <= n - b:
+        raise ValueError(f"rows {offset}..{offset + b} do not fit in the {n} drawn crop parameters")
+    boxes = sample_crop_boxes(n, height, width, scale=scale, ratio=ratio, generator=generator)[offset : offset + b]
+    flip = (_rand((n,), generator) < hflip_p)[offset : offset + b]
     theta = crop_flip_thetas(boxes, flip, height, width).to(images_u8.device)
     grid = F.affine_grid(theta, [b, c, out_size, out_size], align_corners=False)
     x = images_u8.to(torch.float32).div_(255)

@@ -108,13 +108,25 @@ class DataModule(abc.ABC):
             )
         return steps
 
-    def epoch_indices(self, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> Tensor:
-        """int64 ``(num_train // world_size,)``: this rank's training-image indices for ``epoch``, in order."""
+    def epoch_indices(self, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
+                      batch_size: int | None = None) -> Tensor:
+        """int64: this rank's training-image indices for ``epoch``, in order.
+
+        The epoch's order is one permutation cut into global batches of ``batch_size * world_size``;
+        rank r takes rows ``r * batch_size .. (r + 1) * batch_size`` of each. So the union of the ranks'
+        k-th batches is the k-th batch of a single process with the global batch size. With one
+        process this is the whole permutation.
+        """
         _check_positive("world_size", world_size)
         if not 0 <= rank < world_size:
             raise MimkitError(f"rank {rank!r} must be in [0, world_size={world_size})")
         perm = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        return perm[rank::world_size][: self.num_train // world_size]
+        if world_size == 1:
+            return perm
+        if batch_size is None:
+            raise ValueError("epoch_indices needs batch_size when world_size > 1")
+        steps = self.steps_per_epoch(batch_size, world_size)
+        return perm[: steps * batch_size * world_size].view(steps, world_size, batch_size)[:, rank].reshape(-1)
 
     def _batch_range(self, batch_size: int, world_size: int, start: int) -> range:
         steps = self.steps_per_epoch(batch_size, world_size)
@@ -228,14 +240,16 @@ class InMemoryDataModule(DataModule):
         """See :meth:`DataModule.train_batches`."""
         device = _resolve_device(device)
         batches = self._batch_range(batch_size, world_size, start)
-        order = self.epoch_indices(epoch, seed, rank, world_size)
+        order = self.epoch_indices(epoch, seed, rank, world_size, batch_size)
         images = self._images_for("train", device)
         if images.device != order.device:
             order = order.to(images.device)
         for b in batches:
             batch = images[order[b * batch_size : (b + 1) * batch_size]].to(device, non_blocking=True)
-            g = torch.Generator().manual_seed(mix_seed(seed, epoch, rank, b))
-            x = random_resized_crop_flip(batch, self.img_size, scale=self.crop_scale, hflip_p=self.hflip_p, generator=g)
+            # crop parameters of the whole global batch b, this rank's rows: independent of world_size
+            g = torch.Generator().manual_seed(mix_seed(seed, epoch, b))
+            x = random_resized_crop_flip(batch, self.img_size, scale=self.crop_scale, hflip_p=self.hflip_p, generator=g,
+                                         draw=batch_size * world_size, offset=rank * batch_size)
             yield normalize(x, self.mean, self.std)
 
     def eval_batches(self, split: str, batch_size: int, device: torch.device | str) -> Iterator[tuple[Tensor, Tensor]]:
@@ -421,7 +435,7 @@ class FolderDataModule(DataModule):
         """See :meth:`DataModule.train_batches`."""
         device = _resolve_device(device)
         batches = self._batch_range(batch_size, world_size, start)
-        order = self.epoch_indices(epoch, seed, rank, world_size)[
+        order = self.epoch_indices(epoch, seed, rank, world_size, batch_size)[
             batches.start * batch_size : batches.stop * batch_size
         ]
         epoch_key = mix_seed(seed, epoch)

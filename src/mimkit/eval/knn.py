@@ -27,6 +27,8 @@ def extract_features(encoder: nn.Module, batches: Iterable[tuple[Tensor, Tensor]
         feats.append(pool_features(encoder.forward_features(images), pool).float().cpu())
         labels.append(y.cpu())
     encoder.train(was_training)
+    if not feats:  # an empty shard (more processes than batches)
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -61,8 +63,22 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
 
 
 def evaluate_knn(encoder: nn.Module, data, *, device, k: int = 20, temperature: float = 0.07, pool: str = "cls",
-                 batch_size: int = 256, show_progress: bool = False) -> dict[str, float]:
-    """kNN of ``encoder`` on a DataModule: train split as the bank, test split as queries."""
-    tr = extract_features(encoder, data.eval_batches("train", batch_size, device), pool, show_progress, "kNN bank")
-    te = extract_features(encoder, data.eval_batches("test", batch_size, device), pool, show_progress, "kNN queries")
-    return knn_accuracy(*tr, *te, k=k, temperature=temperature)
+                 batch_size: int = 256, show_progress: bool = False, shard: tuple[int, int] = (0, 1),
+                 gather=None) -> dict[str, float]:
+    """kNN of ``encoder`` on a DataModule: train split as the bank, test split as queries.
+
+    Distributed: ``shard=(rank, world_size)`` makes each process embed every world_size-th batch and
+    ``gather`` (a callable returning all ranks' tensors) joins the features, so every rank gets the
+    same result.
+    """
+    rank, world = shard
+
+    def features(split: str, desc: str) -> tuple[Tensor, Tensor]:
+        batches = (b for i, b in enumerate(data.eval_batches(split, batch_size, device)) if i % world == rank)
+        f, y = extract_features(encoder, batches, pool, show_progress, desc)
+        if gather is not None and world > 1:
+            f, y = torch.cat(gather(f)), torch.cat(gather(y))
+        return f, y
+
+    return knn_accuracy(*features("train", "kNN bank"), *features("test", "kNN queries"), k=k,
+                        temperature=temperature)

@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from mimkit.masking import PatchMask, mask_from_noise
+
 Which = Literal["student", "teacher"]
 
 
@@ -36,6 +38,24 @@ class Progress:
         return self.step / max(self.steps_per_epoch, 1)
 
 
+class StepRandom:
+    """Random numbers for one training step that do not depend on how the batch is split.
+
+    Each draw is made for the *global* batch (``batch * world_size`` rows) from one seeded CPU
+    generator, and this process keeps its own rows, so masks are the same whether a global batch of
+    64 runs in one process or as 2 x 32 under DDP (and every rank stays in step).
+    """
+
+    def __init__(self, seed: int, rank: int = 0, world_size: int = 1):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
+
+    def rand(self, batch: int, n: int, device: torch.device | str) -> Tensor:
+        """U(0, 1) noise of shape (batch, n) on ``device``: this rank's rows of a global draw."""
+        full = torch.rand(batch * self.world_size, n, generator=self.generator)
+        return full[self.rank * batch:(self.rank + 1) * batch].to(device, non_blocking=True)
+
+
 @dataclass
 class StepOutput:
     """A scalar loss to back-propagate and metrics to log (tensors are detached by the loop)."""
@@ -51,8 +71,23 @@ class Method(nn.Module):
     #: which encoder evaluation/export uses when the user does not say (paper defaults)
     default_which: Which = "student"
 
+    #: set by the training loop before each micro-step (None: the global torch RNG is used)
+    step_random: StepRandom | None = None
+    mask_ratio: float
+    num_patches: int
+
     def forward(self, images: Tensor) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def noise(self, batch: int, n: int, device: torch.device | str) -> Tensor:
+        """U(0, 1) noise (batch, n) from :attr:`step_random` when set, else the global RNG."""
+        if self.step_random is not None:
+            return self.step_random.rand(batch, n, device)
+        return torch.rand(batch, n, device=device)
+
+    def sample_mask(self, images: Tensor) -> PatchMask:
+        """A fresh random MAE mask per image (noise -> argsort, ``mask_ratio`` of the patches removed)."""
+        return mask_from_noise(self.noise(images.shape[0], self.num_patches, images.device), self.mask_ratio)
 
     def student_parameters(self):
         """Parameters the optimiser trains (never the teacher)."""

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mimkit.errors import MimkitError
 from mimkit.losses import masked_mse, normalize_patches
-from mimkit.masking import PatchMask, mask_from_noise, num_visible
+from mimkit.masking import mask_from_noise, num_visible
 from mimkit.methods.base import Method, StepOutput, Which
 from mimkit.models.vit import MaskedAutoencoder, ModelSpec, patchify
 
@@ -28,10 +28,6 @@ class MAE(Method):
         self.patch_size = spec.encoder.patch_size
         self.num_patches = self.student.encoder.num_patches
         num_visible(self.num_patches, mask_ratio)  # validates the ratio against the patch count
-
-    def sample_mask(self, images: Tensor, generator: torch.Generator | None = None) -> PatchMask:
-        noise = torch.rand(images.shape[0], self.num_patches, device=images.device, generator=generator)
-        return mask_from_noise(noise, self.mask_ratio)
 
     def targets(self, images: Tensor) -> Tensor:
         """Pixel targets per patch (B, N, p*p*C), normalised per patch when ``norm_pix_loss``."""

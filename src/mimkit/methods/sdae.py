@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mimkit.errors import MimkitError
-from mimkit.masking import PatchMask, gather_tokens, mask_from_noise, num_visible, split_folds
+from mimkit.masking import PatchMask, gather_tokens, num_visible, split_folds
 from mimkit.methods.base import Method, Progress, StepOutput, Which
 from mimkit.models.vit import MaskedAutoencoder, ModelSpec
 from mimkit.teacher import EMATeacher, MomentumSchedule
@@ -169,9 +169,6 @@ class SdAE(Method):
         self._last_momentum = float(momentum.base)
 
     # -- masks and targets --------------------------------------------------------------------------
-    def sample_mask(self, images: Tensor, generator: torch.Generator | None = None) -> PatchMask:
-        noise = torch.rand(images.shape[0], self.num_patches, device=images.device, generator=generator)
-        return mask_from_noise(noise, self.mask_ratio)
 
     def target_ids(self, mask: PatchMask) -> Tensor:
         """(B, K) patch indices that get a loss, in the order the teacher's tokens come out
