@@ -28,6 +28,8 @@ class DataConfig:
     in_memory: str = "auto"            # auto | true | false
     num_workers: int | None = None     # DataLoader workers for folder-backed data
     channels: int | None = None        # 1 or 3 for imagefolder (default 3)
+    crop_min_scale: float = 0.2        # RandomResizedCrop area range (crop_min_scale, 1), MAE recipe 0.2
+    hflip: bool = True                 # random horizontal flips
     max_train: int | None = None       # keep a fixed random subset of the training images
     max_test: int | None = None        # ... and of the held-out images
     mean: list[float] | None = None    # per-channel normalisation (default: the source's own)
@@ -310,6 +312,8 @@ def validate(cfg: Config) -> None:
         raise MimkitError(f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
     if len(t.betas) != 2:
         raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
+    if not 0.0 < cfg.data.crop_min_scale <= 1.0:
+        raise MimkitError(f"data.crop_min_scale must be in (0, 1], got {cfg.data.crop_min_scale}")
     if cfg.eval.knn_k < 1:
         raise MimkitError(f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}")
     for key, default in METHOD_EMA_DEFAULTS.get(m.name, {}).items():
