@@ -86,3 +86,17 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not empty" in err and "--resume" in err and err.count("\n") == 1
     assert (run / "notes.txt").read_text() == "keep me"
+
+
+def test_init_from_a_checkpoint_starts_student_and_teacher_from_its_weights(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["pretrain", "--output", str(first), "--no-progress", *sets("train.epochs=1")]) == 0
+    src = torch.load(first / "checkpoints" / "last.pt", weights_only=True)["student"]
+    assert main(["pretrain", "--output", str(second), "--no-progress", "--method", "rc-mae",
+                 *sets("train.epochs=1", "train.blr=1e-12", f"train.init_from={first / 'checkpoints' / 'last.pt'}")]) == 0
+    ck = torch.load(second / "checkpoints" / "last.pt", weights_only=True)
+    # a vanishing lr keeps the student where it started: at the imported weights, and the teacher with it
+    for k in ("encoder.blocks.0.attn.qkv.weight", "decoder.pred.weight"):
+        assert torch.allclose(ck["student"][k], src[k], atol=1e-6)
+        assert torch.allclose(ck["teacher"][k], src[k], atol=1e-6)
+    assert "initialised the student from" in (second / "train.log").read_text()

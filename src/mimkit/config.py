@@ -84,6 +84,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float | None = None
+    init_from: str | None = None       # a mimkit checkpoint (e.g. from `mimkit import`) to start the student from
     seed: int = 0
     deterministic: bool = False
     ckpt_every: int = 20               # epochs between kept checkpoints (last.pt is written every epoch)

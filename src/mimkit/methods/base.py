@@ -104,6 +104,23 @@ class Method(nn.Module):
     def encoder(self, which: Which = "student") -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def reset_teacher(self) -> None:
+        """Make the teacher an exact copy of the student again (no-op without a teacher)."""
+
+    def load_initial_weights(self, state: dict[str, Tensor]) -> dict[str, list[str]]:
+        """Initialise the student from another checkpoint's student state (e.g. ``mimkit import``).
+
+        Tensors whose name and shape match are loaded; the rest keep their fresh initialisation and are
+        reported by name. The teacher is then reset to the student.
+        """
+        own = self.student.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        self.student.load_state_dict(usable, strict=False)
+        self.reset_teacher()
+        return {"loaded": sorted(usable), "missing": sorted(set(own) - set(state)),
+                "unexpected": sorted(set(state) - set(own)),
+                "shape_mismatch": sorted(k for k in state if k in own and own[k].shape != state[k].shape)}
+
     def teacher_state_dict(self) -> dict[str, Tensor] | None:
         """State of the teacher for checkpoints (None when the method has no teacher)."""
         return None

@@ -125,6 +125,10 @@ class RCMAE(MAE):
         self.teacher.update(self.student, momentum)
         self._last_momentum = float(momentum)
 
+    def reset_teacher(self) -> None:
+        """Teacher := student (T <- 0 T + 1 S), e.g. after the student was initialised from a checkpoint."""
+        self.teacher.update(self.student, 0.0)
+
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         self._opt_steps = progress.step
         if self.momentum.unit != "step":

@@ -224,6 +224,10 @@ class SdAE(Method):
         self.teacher.update(self.student.encoder, momentum)
         self._last_momentum = float(momentum)
 
+    def reset_teacher(self) -> None:
+        """Teacher := student encoder, e.g. after the student was initialised from a checkpoint."""
+        self.teacher.update(self.student.encoder, 0.0)
+
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         if self.momentum.unit != "step":
             return {}

@@ -141,6 +141,12 @@ class Trainer:
             log.info(f"resumed {run_dir} at epoch {start_epoch}, step {step}"
                      + (f" (dropped {dropped} metrics lines logged after that checkpoint)" if dropped else ""))
         else:
+            if tr.init_from:
+                report = method.load_initial_weights(load_checkpoint(tr.init_from)["student"])
+                log.info(f"initialised the student from {tr.init_from}: {len(report['loaded'])} tensors loaded"
+                         + "".join(f"; {k} {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}"
+                                   for k, v in report.items() if k != "loaded" and v)
+                         + "; teacher reset to the student")
             if env.is_main:
                 (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
