@@ -263,13 +263,14 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def build_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = (),
                  extra: dict[str, Any] | None = None) -> Config:
-    """Resolve defaults < preset/file < ``extra`` (dotted keys from CLI shortcuts) < ``--set``."""
+    """Resolve defaults < preset/file < ``--set`` < ``extra`` (dotted keys from explicit CLI flags such
+    as ``--method``, the most specific)."""
     cfg = Config()
     apply_mapping(cfg, load_source(source), source or "preset demo")
-    for key, value in (extra or {}).items():
-        set_value(cfg, key, value)
     for item in overrides:
         set_value(cfg, *parse_override(item))
+    for key, value in (extra or {}).items():
+        set_value(cfg, key, value)
     validate(cfg)
     return cfg
 
