@@ -6,7 +6,7 @@ from mimkit.errors import MimkitError
 
 def test_presets_resolve():
     assert {"demo", "cifar10-vit-tiny", "in1k-vit-base-mae"} <= set(preset_names())
-    for name in preset_names():
+    for name in preset_names("pretrain"):
         cfg = build_config(name)
         assert cfg.model.img_size % cfg.model.patch_size == 0
 

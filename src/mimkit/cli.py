@@ -127,8 +127,10 @@ def cmd_visualize_reconstruction(args) -> int:
 def cmd_presets(args) -> int:
     from mimkit.config import preset_description, preset_names
 
-    for name in preset_names():
-        print(f"{name:24s} {preset_description(name)}")
+    for kind in ("pretrain", "finetune"):
+        print(f"{kind} presets (mimkit {kind} --config NAME):")
+        for name in preset_names(kind):
+            print(f"  {name:24s} {preset_description(name)}")
     return 0
 
 

@@ -135,8 +135,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 # --------------------------------------------------------------------------------------------- presets
-def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("mimkit.presets").iterdir() if p.name.endswith(".yaml"))
+FINETUNE_PREFIX = "finetune-"
+
+
+def preset_names(kind: str | None = None) -> list[str]:
+    """Shipped presets: ``kind="pretrain"`` / ``"finetune"`` (names starting with ``finetune-``) or all."""
+    names = sorted(p.name[:-5] for p in resources.files("mimkit.presets").iterdir() if p.name.endswith(".yaml"))
+    if kind == "finetune":
+        return [n for n in names if n.startswith(FINETUNE_PREFIX)]
+    if kind == "pretrain":
+        return [n for n in names if not n.startswith(FINETUNE_PREFIX)]
+    return names
 
 
 def preset_description(name: str) -> str:
@@ -265,6 +274,9 @@ def build_config(source: str | None = None, overrides: list[str] | tuple[str, ..
                  extra: dict[str, Any] | None = None) -> Config:
     """Resolve defaults < preset/file < ``--set`` < ``extra`` (dotted keys from explicit CLI flags such
     as ``--method``, the most specific)."""
+    if source is not None and source in preset_names("finetune"):
+        raise MimkitError(f"preset {source!r} is a fine-tuning recipe: use it with `mimkit finetune --config {source}`; "
+                          f"pre-training presets: {', '.join(preset_names('pretrain'))}")
     cfg = Config()
     apply_mapping(cfg, load_source(source), source or "preset demo")
     for item in overrides:
