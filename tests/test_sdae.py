@@ -359,13 +359,13 @@ TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decod
 
 
 def test_build_sdae_from_config():
-    cfg = build_config("demo", ["method.name=sdae", *TINY])
+    cfg = build_config("demo", ["method.name=sdae", *TINY, "model.img_size=28", "model.patch_size=4"])
     assert (cfg.method.momentum, cfg.method.momentum_final) == (0.96, 0.99)
     spec = resolve_model_spec(cfg.model, 1)
     method = build_sdae(cfg, spec)
     assert isinstance(method, SdAE)
     assert method.momentum == MomentumSchedule(0.96, 0.99, "cosine", "epoch")
-    # demo: 28 px / patch 4 = 49 patches, 12 visible, 37 masked -> 3 folds of 12, one dropped
+    # 28 px / patch 4 = 49 patches, 12 visible, 37 masked -> 3 folds of 12, one dropped
     assert (method.num_patches, method.fold_size, method.targets_dropped) == (49, 12, 1)
     out = method(torch.randn(2, 1, 28, 28))
     out.loss.backward()
@@ -373,7 +373,7 @@ def test_build_sdae_from_config():
 
     cfg = build_config("demo", ["method.name=sdae", *TINY, "method.teacher_input=crop", "method.crop_ratio=0.5",
                                 "method.cosine_dim=reference", "method.ema_unit=step", "method.momentum=0.9",
-                                "model.drop_path=0.25"])
+                                "model.drop_path=0.25", "model.img_size=28", "model.patch_size=4"])
     method = build_method(cfg, in_chans=1)
     assert isinstance(method, SdAE) and method.teacher_input == "crop" and method.cosine_dim == "reference"
     assert method.num_targets == round(0.5 * 37) and method.momentum.unit == "step" and method.momentum.base == 0.9

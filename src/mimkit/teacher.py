@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mimkit.errors import MimkitError
 
@@ -197,3 +197,60 @@ class EMATeacher(nn.Module):
     def forward(self, *args, **kwargs):
         """The teacher's forward, without autograd."""
         return self.module(*args, **kwargs)
+
+
+class TeacherHooks:
+    """What RC-MAE and SdAE share about their EMA teacher: the update hooks, reset and checkpoint state.
+
+    A method mixing this in has ``self.teacher`` (an :class:`EMATeacher`), ``self.momentum`` (a
+    :class:`MomentumSchedule`) and says which student module the teacher mirrors in :meth:`ema_source`.
+    """
+
+    teacher: EMATeacher
+    momentum: MomentumSchedule
+    _last_momentum: float
+
+    def ema_source(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update_teacher(self, momentum: float) -> None:
+        """One EMA step T <- m T + (1 - m) S (rc-mae Eq. 2, sdae Eq. 7)."""
+        self.teacher.update(self.ema_source(), momentum)
+        self._last_momentum = float(momentum)
+
+    def reset_teacher(self) -> None:
+        """Teacher := student (T <- 0 T + 1 S), e.g. after the student was initialised from a checkpoint."""
+        self.teacher.update(self.ema_source(), 0.0)
+
+    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
+        return self._scheduled_update("step", progress)
+
+    def after_epoch(self, progress: Progress) -> dict[str, float]:
+        return self._scheduled_update("epoch", progress)  # progress.epoch = finished epochs
+
+    def _scheduled_update(self, unit: str, progress: Progress) -> dict[str, float]:
+        if self.momentum.unit != unit:
+            return {}
+        m = self.momentum.momentum_for(progress)
+        self.update_teacher(m)
+        return {"momentum": m}
+
+    def teacher_state_dict(self) -> dict[str, Tensor]:
+        """The teacher's state, with the same keys as :meth:`ema_source`'s."""
+        return self.teacher.module.state_dict()
+
+    def load_teacher_state_dict(self, state: dict[str, Tensor] | None) -> None:
+        if state is None:
+            raise MimkitError(f"checkpoint has no teacher state, which method {self.name} needs to resume")
+        expected = set(self.teacher.module.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise MimkitError(
+                f"teacher state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        try:
+            self.teacher.module.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()
+            detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
+            raise MimkitError(f"teacher state does not match the model: {detail}") from None

@@ -35,12 +35,12 @@ from mimkit.losses import masked_mse
 from mimkit.methods.base import Progress, StepOutput, Which
 from mimkit.methods.mae import MAE
 from mimkit.models.vit import MaskedAutoencoder, ModelSpec
-from mimkit.teacher import EMATeacher, MomentumSchedule
+from mimkit.teacher import EMATeacher, MomentumSchedule, TeacherHooks
 
 MASK_MODES = ("same", "different")
 
 
-class RCMAE(MAE):
+class RCMAE(TeacherHooks, MAE):
     name = "rc-mae"
     #: downstream use of the teacher's encoder (rc-mae App. E.2, App. F.1 / Table 12)
     default_which: Which = "teacher"
@@ -120,29 +120,12 @@ class RCMAE(MAE):
         return (flat_r @ flat_c / denom).clamp(-1.0, 1.0).float()
 
     # -- teacher updates ----------------------------------------------------------------------------
-    def update_teacher(self, momentum: float) -> None:
-        """One EMA step T <- m T + (1 - m) S over encoder and decoder (Eq. 2)."""
-        self.teacher.update(self.student, momentum)
-        self._last_momentum = float(momentum)
-
-    def reset_teacher(self) -> None:
-        """Teacher := student (T <- 0 T + 1 S), e.g. after the student was initialised from a checkpoint."""
-        self.teacher.update(self.student, 0.0)
+    def ema_source(self) -> MaskedAutoencoder:
+        return self.student  # the whole MAE: encoder and decoder
 
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         self._opt_steps = progress.step
-        if self.momentum.unit != "step":
-            return {}
-        m = self.momentum.momentum_for(progress)
-        self.update_teacher(m)
-        return {"momentum": m}
-
-    def after_epoch(self, progress: Progress) -> dict[str, float]:
-        if self.momentum.unit != "epoch":
-            return {}
-        m = self.momentum.momentum_for(progress)
-        self.update_teacher(m)
-        return {"momentum": m}
+        return super().after_optimizer_step(progress)
 
     # -- encoders / checkpoints ---------------------------------------------------------------------
     def encoder(self, which: Which = "student"):
@@ -154,26 +137,6 @@ class RCMAE(MAE):
 
     def teacher_model(self) -> MaskedAutoencoder:
         return self.teacher.module
-
-    def teacher_state_dict(self) -> dict[str, Tensor]:
-        """The teacher MAE's state (same keys as the student's: ``encoder.*``, ``decoder.*``)."""
-        return self.teacher.module.state_dict()
-
-    def load_teacher_state_dict(self, state: dict[str, Tensor] | None) -> None:
-        if state is None:
-            raise MimkitError(f"checkpoint has no teacher state, which method {self.name} needs to resume")
-        expected = set(self.teacher.module.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise MimkitError(
-                f"teacher state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        try:
-            self.teacher.module.load_state_dict(state)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()
-            detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
-            raise MimkitError(f"teacher state does not match the model: {detail}") from None
 
     # -- end of training ----------------------------------------------------------------------------
     def on_train_end(self, run_dir: Path) -> dict:

@@ -57,7 +57,7 @@ from mimkit.errors import MimkitError
 from mimkit.masking import PatchMask, gather_tokens, num_visible, split_folds
 from mimkit.methods.base import Method, Progress, StepOutput, Which
 from mimkit.models.vit import MaskedAutoencoder, ModelSpec
-from mimkit.teacher import EMATeacher, MomentumSchedule
+from mimkit.teacher import EMATeacher, MomentumSchedule, TeacherHooks
 
 TEACHER_INPUTS = ("full", "masked", "crop", "multifold")
 COSINE_DIMS = ("token", "reference")
@@ -101,7 +101,7 @@ def spread(x: Tensor) -> Tensor:
     return x.detach().float().reshape(-1, x.shape[-1]).std(dim=0, unbiased=False).mean()
 
 
-class SdAE(Method):
+class SdAE(TeacherHooks, Method):
     name = "sdae"
     #: sdae Sec. 4.4: "We follow most previous works to use the student model as the final model."
     default_which: Which = "student"
@@ -219,28 +219,8 @@ class SdAE(Method):
         return StepOutput(loss, metrics)
 
     # -- teacher updates ----------------------------------------------------------------------------
-    def update_teacher(self, momentum: float) -> None:
-        """One EMA step phi <- m phi + (1 - m) theta over the encoder (Eq. 7)."""
-        self.teacher.update(self.student.encoder, momentum)
-        self._last_momentum = float(momentum)
-
-    def reset_teacher(self) -> None:
-        """Teacher := student encoder, e.g. after the student was initialised from a checkpoint."""
-        self.teacher.update(self.student.encoder, 0.0)
-
-    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
-        if self.momentum.unit != "step":
-            return {}
-        m = self.momentum.momentum_for(progress)
-        self.update_teacher(m)
-        return {"momentum": m}
-
-    def after_epoch(self, progress: Progress) -> dict[str, float]:
-        if self.momentum.unit != "epoch":
-            return {}
-        m = self.momentum.momentum_for(progress)  # progress.epoch = finished epochs
-        self.update_teacher(m)
-        return {"momentum": m}
+    def ema_source(self):
+        return self.student.encoder  # the teacher is an encoder only
 
     # -- encoders / checkpoints ---------------------------------------------------------------------
     def encoder(self, which: Which = "student"):
@@ -249,26 +229,6 @@ class SdAE(Method):
         if which == "teacher":
             return self.teacher.module
         raise MimkitError(f"method {self.name} has no {which!r} encoder; accepted: student, teacher")
-
-    def teacher_state_dict(self) -> dict[str, Tensor]:
-        """The teacher encoder's state (the same keys as ``student.encoder``'s: timm names)."""
-        return self.teacher.module.state_dict()
-
-    def load_teacher_state_dict(self, state: dict[str, Tensor] | None) -> None:
-        if state is None:
-            raise MimkitError(f"checkpoint has no teacher state, which method {self.name} needs to resume")
-        expected = set(self.teacher.module.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise MimkitError(
-                f"teacher state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        try:
-            self.teacher.module.load_state_dict(state)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()
-            detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
-            raise MimkitError(f"teacher state does not match the model: {detail}") from None
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, noise: Tensor, which: Which = "student") -> None:
