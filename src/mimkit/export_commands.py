@@ -110,7 +110,7 @@ def _data_channels(cfg) -> int:
 
 
 def cmd_import(args) -> int:
-    from mimkit.config import build_config
+    from mimkit.config import build_config, parse_override
     from mimkit.interop import import_checkpoint
     from mimkit.interop.foreign import imported_checkpoint
     from mimkit.train.checkpoint import atomic_save
@@ -121,12 +121,13 @@ def cmd_import(args) -> int:
         decoder_heads=_override(args.overrides, "model.decoder_heads"),
     )
     values = imported.config_values()
-    cfg = build_config(args.config, args.overrides, values)
+    given = dict(parse_override(o) for o in args.overrides)
     for key in FIXED_BY_WEIGHTS:
-        sec, name = key.split(".")
-        if getattr(getattr(cfg, sec), name) != values[key]:
-            raise MimkitError(f"{key}={getattr(getattr(cfg, sec), name)} contradicts the imported weights "
-                              f"({values[key]}); leave it out")
+        if key in given and given[key] != values[key]:
+            raise MimkitError(f"{key}={given[key]} contradicts the imported weights ({values[key]}); leave it out")
+    # without --config the imported weights become an MAE run (the demo preset's method is RC-MAE)
+    base = [] if args.config else ["method.name=mae"]
+    cfg = build_config(args.config, [*base, *args.overrides], values)
     chans = _data_channels(cfg)
     if chans != imported.spec.in_chans:
         raise MimkitError(
