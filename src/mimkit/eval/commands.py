@@ -1,0 +1,172 @@
+"""CLI commands of the evaluation suite: ``mimkit finetune``, ``mimkit eval linprobe``, ``mimkit eval robustness``.
+
+Registered by :mod:`mimkit.cli` through ``register(groups, common)``. The commands only parse and dispatch;
+the work is in :mod:`mimkit.eval.linprobe`, :mod:`mimkit.finetune` and :mod:`mimkit.eval.robustness`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from mimkit.errors import MimkitError
+
+
+def register(groups, common) -> None:
+    top, ev = groups["top"], groups["eval"]
+
+    p = top.add_parser(
+        "finetune", parents=[common(which=True)],
+        help="end-to-end fine-tuning of a pre-trained encoder (rc-mae.txt Table 10), or from scratch",
+        description="Fine-tune the encoder of a pre-training checkpoint (its data and encoder shape come along) "
+                    "with a finetune-* preset (--config) and --set overrides; --from-scratch trains the same "
+                    "classifier from a random init (the baseline that shows what pre-training bought).",
+    )
+    p.add_argument("--checkpoint", metavar="PATH", help="pre-training checkpoint whose encoder is fine-tuned")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="random init, same recipe (shapes/data from --checkpoint when given, else from --config/--set)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
+    p.set_defaults(func=cmd_finetune)
+
+    p = ev.add_parser(
+        "linprobe", parents=[common(checkpoint=True, which=True)],
+        help="linear probe of the frozen encoder (rc-mae.txt Table 11); aug.augment=false caches features",
+    )
+    p.set_defaults(func=cmd_eval_linprobe)
+
+    p = ev.add_parser(
+        "robustness", parents=[common(checkpoint=True)],
+        help="errors of a fine-tuned classifier under 15 corruptions x 5 severities (mCE vs --baseline)",
+        description="Takes a checkpoint written by `mimkit finetune` (best.pt or last.pt). --set overrides apply "
+                    "to its saved settings (e.g. data.path, eval.batch_size).",
+    )
+    p.add_argument("--baseline", metavar="FILE.json",
+                   help="eval_robustness.json of a reference model: adds normalised CE, mCE and relative mCE")
+    p.add_argument("--corruptions", default="all", metavar="NAMES", help="comma-separated corruption names, or all")
+    p.add_argument("--severities", default="1,2,3,4,5", metavar="LIST", help="comma-separated severities (1..5)")
+    p.add_argument("--seed", type=int, default=0, help="corruption seed (same seed = same images for every model)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N", help="evaluate a fixed random subset of N test images (the same for every model)")
+    p.set_defaults(func=cmd_eval_robustness)
+
+
+def _show(args) -> bool:
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def _extra_overrides(args, which_key: str | None = "eval.which") -> list[str]:
+    extra = []
+    if getattr(args, "device", None):
+        extra.append(f"train.device={args.device}")
+    if which_key and getattr(args, "which", None):
+        extra.append(f"{which_key}={args.which}")
+    return extra
+
+
+# ------------------------------------------------------------------------------------------------ finetune
+def cmd_finetune(args) -> int:
+    from mimkit.eval.loading import read_pretraining_checkpoint
+    from mimkit.finetune import Init, build_finetune_config, finetune
+
+    overrides = list(args.overrides) + _extra_overrides(args)
+    if args.resume:
+        if args.output is None:
+            raise MimkitError("--resume needs --output DIR, the fine-tuning run folder to continue")
+        if args.config or args.checkpoint or args.from_scratch:
+            raise MimkitError("--resume continues with the run's saved settings and weights; --config, --checkpoint "
+                              "and --from-scratch are not accepted with it (use --set, e.g. --set train.epochs=50)")
+        finetune(None, args.output, resume=True, overrides=tuple(overrides),
+                 show_progress=False if args.no_progress else None)
+        return 0
+    ckpt = None
+    if args.checkpoint:
+        ckpt = read_pretraining_checkpoint(args.checkpoint)
+    elif not args.from_scratch:
+        raise MimkitError("mimkit finetune needs --checkpoint PATH (a pre-training checkpoint) or --from-scratch")
+    cfg = build_finetune_config(args.config, overrides, ckpt["config"] if ckpt else None)
+    output = args.output
+    if output is None:
+        name = Path(args.config).stem if args.config else "finetune"
+        output = str(Path("runs") / f"{name}-{'scratch' if args.from_scratch else 'pretrained'}-"
+                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
+    init = Init(args.checkpoint, args.which or cfg.eval.which, args.from_scratch)
+    finetune(cfg, output, init=init, overrides=tuple(overrides), pretrained_ckpt=ckpt,
+             show_progress=False if args.no_progress else None)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ linprobe
+def cmd_eval_linprobe(args) -> int:
+    from mimkit.api import result_path
+    from mimkit.eval import settings
+    from mimkit.eval.linprobe import build_linprobe_config, run_linprobe
+    from mimkit.eval.loading import (check_data_channels, check_labelled, load_pretrained_encoder,
+                                     read_pretraining_checkpoint)
+    from mimkit.runtime import datamodule_from_config, resolve_device
+    from mimkit.train.runlog import write_json
+
+    ckpt = read_pretraining_checkpoint(args.checkpoint)
+    cfg = build_linprobe_config(args.config, list(args.overrides) + _extra_overrides(args), ckpt["config"])
+    out = result_path(args.checkpoint, args.output, "eval_linprobe.json")
+    pre = load_pretrained_encoder(args.checkpoint, cfg.eval.which, ckpt)
+    settings.check_same_encoder(cfg.model, pre.config["model"], pre.in_chans, args.checkpoint)
+    data = datamodule_from_config(cfg)
+    check_labelled(data, "linear probing")
+    check_data_channels(pre.in_chans, data, args.checkpoint)
+    device = resolve_device(cfg.train.device)
+    tr = cfg.train
+    print(f"linear probe: {pre.which} encoder of {args.checkpoint} ({pre.method}), {cfg.eval.pool} features, "
+          f"{data.num_train} train / test split of {data.name}, {tr.epochs} epochs, batch {tr.batch_size}, "
+          f"{'augmented (RandomResizedCrop + flip)' if cfg.aug.augment else 'cached features (aug.augment=false)'}",
+          flush=True)
+    res = run_linprobe(pre.encoder.to(device), data, cfg, device=device, show_progress=_show(args))
+    res.update(which=pre.which, method=pre.method, checkpoint=str(args.checkpoint))
+    write_json(out, res)
+    print(f"linear probe top-1 ({pre.which} encoder): {res['linprobe_top1']:.4f}  top-5 {res['linprobe_top5']:.4f} "
+          f"(lr {res['lr']:.3g}, blr {res['blr']:.3g}{' auto' if res['blr_auto'] else ''}; {res['wall_time_s']:.0f}s)"
+          f"  -> {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ robustness
+def _parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise MimkitError(f"--{what} is empty; give a comma-separated list")
+    return items
+
+
+def cmd_eval_robustness(args) -> int:
+    from mimkit.api import result_path
+    from mimkit.eval.corruptions import CORRUPTIONS, check_names
+    from mimkit.eval.robustness import compare_with_baseline, evaluate_robustness, read_baseline
+    from mimkit.finetune import load_classifier
+    from mimkit.train.runlog import write_json
+
+    if args.config:
+        raise MimkitError("eval robustness takes its settings from the fine-tuned checkpoint; --config is not "
+                          "accepted (use --set, e.g. --set data.path=... or --set eval.batch_size=512)")
+    if args.corruptions.strip() == "all":
+        names = list(CORRUPTIONS)
+    else:
+        names = check_names(_parse_list(args.corruptions, "corruptions"))
+    try:
+        severities = [int(s) for s in _parse_list(args.severities, "severities")]
+    except ValueError:
+        raise MimkitError(f"--severities must be integers 1..5 separated by commas, got {args.severities!r}") from None
+    baseline = read_baseline(args.baseline) if args.baseline else None
+    out = result_path(args.checkpoint, args.output, "eval_robustness.json")
+    cfg, model, data, device = load_classifier(args.checkpoint, args.overrides, args.device)
+    res = evaluate_robustness(model, data, device=device, corruptions=names, severities=severities, seed=args.seed,
+                              max_images=args.max_images, batch_size=cfg.eval.batch_size, show_progress=_show(args))
+    if baseline is not None:
+        res.update(compare_with_baseline(res, baseline, args.baseline))
+    res["checkpoint"] = str(args.checkpoint)
+    write_json(out, res)
+    line = (f"robustness: clean error {res['clean_error']:.4f}, "
+            f"mean corruption error {res['mean_corruption_error']:.4f} "
+            f"({len(names)} corruptions x {len(severities)} severities, {res['num_images']} images)")
+    if baseline is not None and res["mCE"] is not None:
+        line += f", mCE {res['mCE']:.1f} / relative mCE {res['relative_mCE'] or float('nan'):.1f} vs {args.baseline}"
+    print(f"{line}  -> {out}")
+    return 0

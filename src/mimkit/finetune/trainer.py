@@ -1,0 +1,354 @@
+"""End-to-end fine-tuning of a pre-trained encoder (rc-mae.txt Table 10), or of a random one (the baseline).
+
+Recipe: AdamW (0.9, 0.999) with layer-wise lr decay, per-iteration linear warmup then half-cosine,
+drop path, RandAugment(9, 0.5) + random erasing 0.25 (timm transforms), mixup 0.8 / cutmix 1.0 with label
+smoothing 0.1 (timm ``Mixup`` + ``SoftTargetCrossEntropy``), global average pooling + fc_norm, head init std
+2e-5. Top-1 / top-5 on the test split after every epoch; ``checkpoints/last.pt`` every epoch and
+``checkpoints/best.pt`` when top-1 improves.
+
+Exact resume, as pre-training: the epoch's image order and every image's augmentation are functions of
+(seed, epoch, index); the global RNGs (drop path, mixup, random erasing) are re-seeded at every epoch start;
+checkpoints are written at epoch ends. A run killed at any moment and resumed from ``last.pt`` replays the
+interrupted epoch exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from tqdm.auto import tqdm
+
+from mimkit.config import parse_override
+from mimkit.errors import MimkitError
+from mimkit.eval import settings
+from mimkit.eval.labelled import LabelledBatches, train_transform
+from mimkit.eval.loading import FINETUNE_METHOD, check_data_channels, check_labelled, load_pretrained_encoder
+from mimkit.finetune.config import FinetuneConfig, finetune_config_from_dict, mixing, validate
+from mimkit.finetune.evaluate import evaluate_classifier
+from mimkit.finetune.model import ViTClassifier, layer_decay_groups
+from mimkit.models.vit import ViTEncoder
+from mimkit.runtime import datamodule_from_config, resolve_device
+from mimkit.train.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from mimkit.train.loop import autocast_dtype, epoch_seed, set_determinism, show_progress_default
+from mimkit.train.optim import effective_lr, lr_at, set_lr
+from mimkit.train.runlog import RunLog, prepare_run_dir, truncate_metrics, write_json
+
+
+@dataclass(frozen=True)
+class Init:
+    """Where the encoder's weights come from: a pre-training checkpoint's ``which`` encoder, or random."""
+
+    checkpoint: str | None = None
+    which: str | None = None
+    from_scratch: bool = False
+
+    def describe(self) -> str:
+        if self.from_scratch:
+            return "random init (from scratch)" + (f", shapes of {self.checkpoint}" if self.checkpoint else "")
+        return f"{self.which} encoder of {self.checkpoint}"
+
+
+def seed_all(seed: int) -> None:
+    """Re-seed the global RNGs (torch: drop path; NumPy: mixup; Python: random erasing)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def default_workers(cfg: FinetuneConfig, device: torch.device) -> int:
+    """Loader processes: ``data.num_workers``, else none on CPU (they would compete with the model for the
+    cores) and ``min(8, cpu_count)`` on CUDA."""
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int,
+                     encoder_state: dict[str, torch.Tensor] | None) -> ViTClassifier:
+    """The classifier: the configured encoder (with the fine-tuning drop path), pre-trained weights if given."""
+    encoder = ViTEncoder(settings.encoder_spec(cfg.model, in_chans))
+    if encoder_state is not None:
+        encoder.load_state_dict(encoder_state)
+    return ViTClassifier(encoder, num_classes, cfg.head.global_pool, cfg.head.init_std)
+
+
+def build_mixup(cfg: FinetuneConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix (batch mode) with label smoothing; None when both are off."""
+    if not mixing(cfg):
+        return None
+    a = cfg.aug
+    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                 mode="batch", label_smoothing=a.label_smoothing, num_classes=num_classes)
+
+
+def build_criterion(cfg: FinetuneConfig) -> torch.nn.Module:
+    if mixing(cfg):
+        return SoftTargetCrossEntropy()  # mixup targets already carry the smoothing
+    if cfg.aug.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.aug.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+@dataclass
+class Finetuner:
+    cfg: FinetuneConfig
+    run_dir: Path
+    init: Init = Init()
+    resume: bool = False
+    overrides: tuple[str, ...] = ()                 # --set items, re-applied over the saved config on resume
+    pretrained_ckpt: dict | None = None             # already-loaded pre-training checkpoint (avoids a reload)
+    show_progress: bool | None = None
+    echo: bool = True
+    after_epoch: Callable[[int], None] | None = None  # called after each epoch's checkpoints are written
+
+    def run(self) -> dict[str, Any]:
+        cfg, init, state = self.cfg, self.init, None
+        if self.resume:
+            last = Path(self.run_dir) / "checkpoints" / "last.pt"
+            if not last.is_file():
+                raise MimkitError(f"nothing to resume: {last} does not exist")
+            state = load_checkpoint(last)
+            if state.get("method") != FINETUNE_METHOD:
+                raise MimkitError(f"{last} is not a fine-tuning checkpoint; --resume continues a `mimkit finetune` "
+                                  "run folder")
+            cfg = finetune_config_from_dict(state["config"])
+            for item in self.overrides:
+                settings.set_key(cfg, *parse_override(item))
+            validate(cfg)
+            init = Init(**state["extra"]["init"])
+        run_dir = prepare_run_dir(self.run_dir, self.resume)  # refuses a non-empty folder unless resuming
+        # what can fail on user input fails before anything is written (an empty new folder is reusable)
+        data, init, encoder_state = self._inputs(cfg, init, state is not None)
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", state["global_step"]) if state is not None else 0
+        log = RunLog(run_dir, echo=self.echo, purge_step=(state["global_step"] + 1) if state else None)
+        try:
+            if dropped:
+                log.info(f"dropped {dropped} metrics lines logged after the last checkpoint")
+            log.info(f"data {data.describe()}")
+            return self._run(cfg, init, run_dir, state, log, data, encoder_state)
+        finally:
+            log.close()
+
+    def _inputs(self, cfg: FinetuneConfig, init: Init, resuming: bool):
+        """The data, the resolved init, and the pre-trained encoder weights (None: random init or resume)."""
+        data = datamodule_from_config(cfg)
+        check_labelled(data, "fine-tuning")
+        encoder_state = None
+        if not resuming and init.checkpoint is not None:
+            pre = load_pretrained_encoder(init.checkpoint, init.which, self.pretrained_ckpt)
+            init = Init(init.checkpoint, pre.which, init.from_scratch)
+            settings.check_same_encoder(cfg.model, pre.config["model"], pre.in_chans, init.checkpoint)
+            check_data_channels(pre.in_chans, data, init.checkpoint)
+            if not init.from_scratch:
+                encoder_state = pre.encoder.state_dict()
+        return data, init, encoder_state
+
+    # ------------------------------------------------------------------------------------------------
+    def _run(self, cfg: FinetuneConfig, init: Init, run_dir: Path, state: dict | None, log: RunLog, data,
+             encoder_state: dict | None) -> dict[str, Any]:
+        t_start = time.time()
+        tr = cfg.train
+        device = resolve_device(tr.device)
+        set_determinism(tr.seed, tr.deterministic)
+        show = show_progress_default() if self.show_progress is None else self.show_progress
+        num_classes = len(data.classes)
+        torch.manual_seed(tr.seed)  # head init (and the whole encoder from scratch)
+        model = build_classifier(cfg, data.in_chans, num_classes, encoder_state).to(device)
+
+        effective_batch = tr.batch_size * tr.accum_steps
+        peak_lr = tr.lr if tr.lr is not None else effective_lr(tr.blr, effective_batch)
+        steps_per_epoch = data.steps_per_epoch(tr.batch_size) // tr.accum_steps
+        if steps_per_epoch < 1:
+            raise MimkitError(f"train.batch_size {tr.batch_size} x train.accum_steps {tr.accum_steps} is larger than "
+                              f"the {data.num_train} training images; lower the batch size")
+        total_steps = steps_per_epoch * tr.epochs
+        warmup_steps = round(tr.warmup_epochs * steps_per_epoch)
+        optimizer = torch.optim.AdamW(layer_decay_groups(model, tr.weight_decay, tr.layer_decay), lr=peak_lr,
+                                      betas=tuple(tr.betas))
+        amp_dtype = autocast_dtype(tr.precision, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        mixup = build_mixup(cfg, num_classes)
+        criterion = build_criterion(cfg)
+        a = cfg.aug
+        transform = train_transform(data.img_size, data.mean, crop_scale=a.crop_scale, hflip=a.hflip,
+                                    rand_augment=a.rand_augment, interpolation=a.interpolation)
+        batches = LabelledBatches(data, transform, num_workers=default_workers(cfg, device), reprob=a.reprob,
+                                  remode=a.remode, log=log.info)
+
+        start_epoch, step, extra = 0, 0, {}
+        if state is not None:
+            model.load_state_dict(state["student"])
+            optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            start_epoch, step, extra = state["epoch"], state["global_step"], dict(state["extra"])
+            log.info(f"resumed {run_dir} at epoch {start_epoch}, step {step}")
+        else:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(settings.to_dict(cfg), sort_keys=False))
+        extra["init"] = {"checkpoint": init.checkpoint, "which": init.which, "from_scratch": init.from_scratch}
+        extra.setdefault("history", [])
+        extra.setdefault("best", {"top1": -1.0, "epoch": 0})
+
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info(f"mimkit finetune: {init.describe()}; model={cfg.model.name}/{cfg.model.patch_size}@{data.img_size} "
+                 f"depth {model.encoder.spec.depth} ({n_params / 1e6:.2f}M trainable), {num_classes} classes, "
+                 f"data={data.name} ({data.num_train} train images), device={device}")
+        log.info(f"lr = {peak_lr:.3g} (blr {tr.blr:g} x effective batch {effective_batch} / 256"
+                 f"{'; set directly by train.lr' if tr.lr is not None else ''}), layer decay {tr.layer_decay}, "
+                 f"drop path {cfg.model.drop_path}, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+                 f"warmup {warmup_steps} steps")
+
+        wall_before = float(extra.get("wall_time_s", 0.0))
+        rates: list[float] = list(extra.get("imgs_per_s_history", []))
+        for epoch in range(start_epoch, tr.epochs):
+            seed_all(epoch_seed(tr.seed, epoch))
+            model.train()
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tr.epochs}", disable=not show, leave=False)
+            window, window_n, window_imgs, window_t0 = 0.0, 0, 0, time.perf_counter()
+            epoch_loss, epoch_n = 0.0, 0
+            for micro, (images, labels) in enumerate(batches.epoch(epoch, tr.batch_size, tr.seed, device)):
+                if micro >= steps_per_epoch * tr.accum_steps:
+                    break
+                if mixup is not None:
+                    if images.shape[0] % 2:  # an unreadable file made the batch odd; mixup pairs images
+                        images, labels = images[:-1], labels[:-1]
+                    images, targets = mixup(images, labels)
+                else:
+                    targets = labels
+                ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+                with ctx:
+                    loss = criterion(model(images), targets)
+                scaler.scale(loss / tr.accum_steps).backward()
+                loss_value = loss.detach().float().item()
+                window, window_n, window_imgs = window + loss_value, window_n + 1, window_imgs + images.shape[0]
+                epoch_loss, epoch_n = epoch_loss + loss_value, epoch_n + 1
+                if (micro + 1) % tr.accum_steps:
+                    continue
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr, tr.min_lr)
+                set_lr(optimizer, lr)
+                if tr.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tr.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if step % tr.log_every == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window_t0
+                    record = {"step": step, "epoch": epoch, "lr": lr, "loss": window / window_n,
+                              "imgs_per_s": window_imgs / max(elapsed, 1e-9)}
+                    if not np.isfinite(record["loss"]):
+                        raise MimkitError(
+                            f"loss became non-finite at step {step} (epoch {epoch + 1}); the last checkpoint "
+                            f"{run_dir / 'checkpoints' / 'last.pt'} is intact: resume with a lower train.blr, "
+                            "train.clip_grad, or precision=fp32")
+                    log.metrics(record)
+                    rates.append(record["imgs_per_s"])
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                    window, window_n, window_imgs, window_t0 = 0.0, 0, 0, time.perf_counter()
+            bar.close()
+            optimizer.zero_grad(set_to_none=True)
+            done = epoch + 1
+            res = evaluate_classifier(model, data.eval_batches("test", cfg.eval.batch_size, device), show, "test")
+            record = {"step": step, "epoch": epoch, "train_loss": epoch_loss / max(epoch_n, 1),
+                      "test_top1": res["top1"], "test_top5": res["top5"], "test_loss": res["loss"]}
+            log.metrics(record)
+            log.scalar("eval/top1", res["top1"], step)
+            extra["history"].append({"epoch": done, **{k: record[k] for k in ("train_loss", "test_top1", "test_top5")}})
+            improved = res["top1"] > extra["best"]["top1"]
+            if improved:
+                extra["best"] = {"top1": res["top1"], "top5": res["top5"], "epoch": done}
+            extra.update(imgs_per_s_history=rates[-1000:], wall_time_s=wall_before + time.time() - t_start,
+                         classes=list(data.classes))
+            ckpt = make_checkpoint(method_name=FINETUNE_METHOD, config=settings.to_dict(cfg),
+                                   student=model.state_dict(), teacher=None, optimizer=optimizer.state_dict(),
+                                   scaler=scaler.state_dict() if scaler.is_enabled() else None, global_step=step,
+                                   epoch=done, extra=extra)
+            atomic_save(ckpt, run_dir / "checkpoints" / "last.pt")
+            if improved:
+                atomic_save(ckpt, run_dir / "checkpoints" / "best.pt")
+            if tr.ckpt_every and done % tr.ckpt_every == 0:
+                atomic_save(ckpt, run_dir / "checkpoints" / f"epoch_{done:04d}.pt")
+            log.info(f"epoch {done}/{tr.epochs} step {step} train loss {record['train_loss']:.4f} "
+                     f"test top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} ({time.time() - t_start:.0f}s)")
+            if self.after_epoch is not None:
+                self.after_epoch(done)
+
+        last = extra["history"][-1] if extra["history"] else {}
+        summary = {
+            "init": extra["init"], "epochs": tr.epochs, "steps": step, "peak_lr": peak_lr,
+            "top1": last.get("test_top1"), "top5": last.get("test_top5"),
+            "best_top1": extra["best"]["top1"], "best_top5": extra["best"].get("top5"),
+            "best_epoch": extra["best"]["epoch"],
+            "history": extra["history"], "num_classes": num_classes, "train_images": data.num_train,
+            "imgs_per_s_median": statistics.median(rates) if rates else None,
+            "wall_time_s": wall_before + time.time() - t_start,
+            "checkpoint_last": str(run_dir / "checkpoints" / "last.pt"),
+            "checkpoint_best": str(run_dir / "checkpoints" / "best.pt"),
+        }
+        write_json(run_dir / "eval_finetune.json", summary)
+        write_json(run_dir / "summary.json", summary)
+        log.info(f"fine-tuned top-1 {summary['top1']:.4f} top-5 {summary['top5']:.4f} (best top-1 "
+                 f"{summary['best_top1']:.4f} at epoch {summary['best_epoch']}); run folder: {run_dir}")
+        return summary
+
+
+def finetune(cfg: FinetuneConfig, output: str | os.PathLike, *, init: Init = Init(), resume: bool = False,
+             overrides: tuple[str, ...] = (), pretrained_ckpt: dict | None = None, show_progress: bool | None = None,
+             echo: bool = True, after_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Fine-tune per ``cfg`` into ``output`` (or continue it with ``resume``); returns the summary.
+
+    ``after_epoch(done)`` runs after each epoch's checkpoints are written (a hook for tests and notebooks).
+    """
+    if not resume and init.checkpoint is None and not init.from_scratch:
+        raise MimkitError("fine-tuning needs --checkpoint (a pre-training checkpoint) or --from-scratch")
+    return Finetuner(cfg, Path(output), init, resume, tuple(overrides), pretrained_ckpt, show_progress, echo,
+                     after_epoch).run()
+
+
+def load_classifier(checkpoint: str | os.PathLike, overrides=(), device: str | None = None):
+    """A fine-tuned classifier from a ``mimkit finetune`` checkpoint -> (cfg, model in eval mode, data, device).
+
+    ``overrides`` (``--set``) apply to the saved fine-tuning config (e.g. ``data.path`` when the data moved).
+    """
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("method") != FINETUNE_METHOD:
+        raise MimkitError(f"{checkpoint} is a pre-training checkpoint (method {ckpt.get('method')}); this command "
+                          "evaluates a fine-tuned classifier: run `mimkit finetune --checkpoint ...` first")
+    cfg = finetune_config_from_dict(ckpt["config"])
+    for item in overrides:
+        settings.set_key(cfg, *parse_override(item))
+    if device:
+        cfg.train.device = device
+    dev = resolve_device(cfg.train.device)
+    data = datamodule_from_config(cfg)
+    check_labelled(data, "robustness evaluation")
+    state = ckpt["student"]
+    in_chans = int(state["encoder.patch_embed.proj.weight"].shape[1])
+    num_classes = int(state["head.weight"].shape[0])
+    check_data_channels(in_chans, data, str(checkpoint))
+    if num_classes != len(data.classes):
+        raise MimkitError(f"the classifier in {checkpoint} has {num_classes} classes but {data.name} has "
+                          f"{len(data.classes)}; point data.* at the data set it was fine-tuned on")
+    model = build_classifier(cfg, in_chans, num_classes, None)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise MimkitError(f"the classifier in {checkpoint} does not match its settings: "
+                          f"{(lines[1] if len(lines) > 1 else lines[0]).strip()[:200]}") from None
+    return cfg, model.to(dev).eval(), data, dev
