@@ -231,9 +231,10 @@ def _section_types(section_cls) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
 
-def apply_mapping(cfg: Config, mapping: dict[str, Any], origin: str) -> None:
-    """Apply a nested mapping {section: {key: value}} onto ``cfg`` with type checks."""
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+def apply_mapping(cfg, mapping: dict[str, Any], origin: str) -> None:
+    """Apply a nested mapping {section: {key: value}} onto a sectioned config (``Config`` or the downstream
+    commands' settings) with type checks."""
+    sections = {f.name: f for f in dataclasses.fields(type(cfg))}
     for sec, values in mapping.items():
         if sec not in sections:
             raise MimkitError(f"unknown config section {sec!r} in {origin}; accepted: {', '.join(sections)}")
@@ -243,9 +244,10 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], origin: str) -> None:
             set_value(cfg, f"{sec}.{key}", value)
 
 
-def set_value(cfg: Config, dotted: str, value: Any) -> None:
+def set_value(cfg, dotted: str, value: Any) -> None:
+    """Set ``section.key`` on a sectioned config, type-checked against the field's annotation."""
     parts = dotted.split(".")
-    sections = {f.name for f in dataclasses.fields(Config)}
+    sections = {f.name for f in dataclasses.fields(type(cfg))}
     if len(parts) != 2 or parts[0] not in sections:
         raise MimkitError(
             f"unknown config key {dotted!r}; keys look like section.name with section one of {', '.join(sorted(sections))}"

@@ -15,11 +15,11 @@ checked with the pre-training coercion (:func:`mimkit.config._coerce`), so ``--s
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any
 
 from mimkit.config import CHOICES as PRETRAIN_CHOICES
-from mimkit.config import _coerce, load_source, parse_override
+from mimkit.config import apply_mapping as config_apply_mapping
+from mimkit.config import load_source, parse_override, set_value
 from mimkit.errors import MimkitError
 from mimkit.models.vit import EncoderSpec, resolve_model_spec
 
@@ -33,18 +33,7 @@ def section_names(cfg_cls) -> list[str]:
 
 def set_key(cfg, dotted: str, value: Any) -> None:
     """Set ``section.key`` on a sectioned config with the pre-training type coercion."""
-    sections = section_names(type(cfg))
-    parts = dotted.split(".")
-    if len(parts) != 2 or parts[0] not in sections:
-        raise MimkitError(
-            f"unknown setting {dotted!r}; keys look like section.name with section one of {', '.join(sections)}"
-        )
-    sec, key = parts
-    section = getattr(cfg, sec)
-    types_ = typing.get_type_hints(type(section))
-    if key not in types_:
-        raise MimkitError(f"unknown setting {dotted!r}; accepted keys in {sec}: {', '.join(types_)}")
-    setattr(section, key, _coerce(dotted, value, types_[key]))
+    set_value(cfg, dotted, value)
 
 
 def apply_mapping(cfg, mapping: dict[str, Any], origin: str, kind: str) -> None:
@@ -55,13 +44,7 @@ def apply_mapping(cfg, mapping: dict[str, Any], origin: str, kind: str) -> None:
             f"{origin} is a pre-training config (it has a 'method' section); {kind} takes a {kind}-* preset "
             f"or a YAML file with sections {', '.join(sections)}"
         )
-    for sec, values in mapping.items():
-        if sec not in sections:
-            raise MimkitError(f"unknown section {sec!r} in {origin}; accepted for {kind}: {', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise MimkitError(f"section {sec!r} in {origin} must be a mapping of keys")
-        for key, value in values.items():
-            set_key(cfg, f"{sec}.{key}", value)
+    config_apply_mapping(cfg, mapping, origin)
 
 
 def to_dict(cfg) -> dict[str, Any]:
