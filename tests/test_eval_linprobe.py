@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mimkit.data.module import InMemoryDataModule
+from mimkit.errors import MimkitError
 from mimkit.data.sources import ImageSplit, InMemoryData
 from mimkit.eval.knn import extract_features
 from mimkit.eval.linprobe import LinearProbe, auto_blr, build_linprobe_config, lars_for_probe, run_linprobe
@@ -72,6 +73,26 @@ def test_probe_learns_a_separable_problem_and_the_encoder_stays_frozen(data):
     res = run_linprobe(enc, data, cfg, device=torch.device("cpu"))
     assert len(res["history"]) == 2 and 0 <= res["linprobe_top1"] <= 1
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+
+
+def test_precomputed_features_give_the_same_probe_as_extracting_them(data):
+    enc = encoder()
+    cfg = build_linprobe_config(None, ["train.epochs=5", "train.batch_size=64", "train.warmup_epochs=1",
+                                       "train.blr=4.0", "eval.pool=mean"])
+    ref = run_linprobe(enc, data, cfg, device=torch.device("cpu"))
+    train = extract_features(enc, data.eval_batches("train", 50, "cpu"), "mean")
+    test = extract_features(enc, data.eval_batches("test", 50, "cpu"), "mean")
+    res = run_linprobe(enc, data, cfg, device=torch.device("cpu"), features=(*train, *test))
+    assert [h["test_top1"] for h in res["history"]] == [h["test_top1"] for h in ref["history"]]
+    assert res["linprobe_top1"] == ref["linprobe_top1"] and res["test_images"] == 128
+    # features of another encoder change the result: they are really used, not re-extracted
+    other = extract_features(ViTEncoder(EncoderSpec(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                                                    num_heads=2)), data.eval_batches("train", 50, "cpu"), "mean")
+    res2 = run_linprobe(enc, data, cfg, device=torch.device("cpu"), features=(*other, *test))
+    assert [h["train_loss"] for h in res2["history"]] != [h["train_loss"] for h in ref["history"]]
+    aug = build_linprobe_config(None, ["aug.augment=true"])
+    with pytest.raises(MimkitError, match="aug.augment=true"):
+        run_linprobe(enc, data, aug, device=torch.device("cpu"), features=(*train, *test))
 
 
 def test_probe_head_and_lars_groups():

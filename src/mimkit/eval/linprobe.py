@@ -214,9 +214,16 @@ def _threads(n: int):
 
 
 def run_linprobe(encoder: nn.Module, data, cfg: LinprobeConfig, *, device: torch.device, show_progress: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Linear-probe ``encoder`` (frozen) on a labelled DataModule; returns the result record."""
+                 log: Callable[[str], None] | None = None,
+                 features: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> dict[str, Any]:
+    """Linear-probe ``encoder`` (frozen) on a labelled DataModule; returns the result record.
+
+    ``features``: already extracted ``(train_feats, train_labels, test_feats, test_labels)`` of this encoder with
+    ``cfg.eval.pool`` (e.g. shared with a kNN evaluation); the cached-feature path then skips the extraction.
+    """
     t0 = time.time()
+    if features is not None and cfg.aug.augment:
+        raise MimkitError("precomputed features are un-augmented; they cannot be used with aug.augment=true")
     tr, pool = cfg.train, cfg.eval.pool
     encoder.eval().requires_grad_(False)
     num_classes = len(data.classes)
@@ -224,8 +231,11 @@ def run_linprobe(encoder: nn.Module, data, cfg: LinprobeConfig, *, device: torch
     blr = tr.blr if tr.blr is not None else auto_blr(data.num_train)
     peak_lr = tr.lr if tr.lr is not None else effective_lr(blr, tr.batch_size)
     schedule = ProbeSchedule(tr.epochs, steps, peak_lr, tr.min_lr, round(tr.warmup_epochs * steps))
-    test_feats, test_labels = extract_features(encoder, data.eval_batches("test", cfg.eval.batch_size, device), pool,
-                                               show_progress, "test features")
+    if features is not None:
+        test_feats, test_labels = features[2], features[3]
+    else:
+        test_feats, test_labels = extract_features(encoder, data.eval_batches("test", cfg.eval.batch_size, device),
+                                                   pool, show_progress, "test features")
     test_feats, test_labels = test_feats.to(device), test_labels.to(device)
     torch.manual_seed(tr.seed)
     probe = LinearProbe(test_feats.shape[1], num_classes).to(device)
@@ -256,8 +266,12 @@ def run_linprobe(encoder: nn.Module, data, cfg: LinprobeConfig, *, device: torch
                 yield torch.cat(feats), torch.cat(labs)
 
     else:
-        train_feats, train_labels = extract_features(encoder, data.eval_batches("train", cfg.eval.batch_size, device),
-                                                     pool, show_progress, "train features")
+        if features is not None:
+            train_feats, train_labels = features[0], features[1]
+        else:
+            train_feats, train_labels = extract_features(encoder, data.eval_batches("train", cfg.eval.batch_size,
+                                                                                    device), pool, show_progress,
+                                                         "train features")
         train_feats, train_labels = train_feats.to(device), train_labels.to(device)
 
         def epoch_batches(epoch: int):
