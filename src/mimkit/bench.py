@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mimkit.config import build_config
 from mimkit.methods import Progress, build_method
-from mimkit.models.vit import DECODER_SIZES, VIT_SIZES
+from mimkit.models.vit import DECODER_SIZES, VIT_SIZES, compile_blocks
 from mimkit.train.optim import build_adamw
 
 METHOD_ROWS = {
@@ -42,6 +42,8 @@ METHOD_ROWS = {
        for mode in ("full", "masked", "crop", "multifold")},
 }
 HF_ROW = "HF ViTMAE"
+COMPILED_ROW = "MAE + torch.compile"
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 def select_rows(methods: str) -> list[str]:
@@ -72,8 +74,10 @@ class Row:
             self.method = None
             params = self.model.named_parameters()
         else:
-            cfg = build_config("demo", config_overrides(args) + METHOD_ROWS[name])
+            cfg = build_config("demo", config_overrides(args) + METHOD_ROWS["MAE" if name == COMPILED_ROW else name])
             self.method = build_method(cfg, args.chans).to(device)
+            if name == COMPILED_ROW:
+                compile_blocks(self.method)
             self.model = self.method
             params = self.method.student.named_parameters()
         self.opt = build_adamw(params, 1e-4, 0.05, (0.9, 0.95))
@@ -131,6 +135,45 @@ def build_hf_mae(args):
         attn_implementation="sdpa",
     )
     return ViTMAEForPreTraining(cfg)
+
+
+def _gemm_flops(name: str, shapes: list) -> float:
+    """FLOPs of one matrix-multiply call from its recorded input shapes."""
+    dims = [tuple(x) for x in shapes if isinstance(x, (list, tuple)) and len(x) >= 2]
+    if name in ("aten::addmm", "aten::baddbmm"):
+        dims = dims[-2:]  # (bias/input, a, b): the last two are the factors
+    if len(dims) < 2:
+        return 0.0
+    a, b = dims[0], dims[1]
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def gemm_profile(row: "Row", images, i: int, device, peak: float) -> dict[str, float]:
+    """Where a step's time goes: the share spent in matrix multiplies and the FLOP rate they reach (vs ``peak``).
+
+    The MFU of a step cannot exceed (GEMM efficiency) / (GEMM FLOPs / all FLOPs) even if everything else took no time,
+    so a GEMM efficiency below a target MFU shows the target is out of reach for these shapes on this machine.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts, record_shapes=True) as prof:
+        t = time.perf_counter()
+        row.step(images, i)
+        sync(device)
+        wall = time.perf_counter() - t
+    gemm_us, gemm_flops = 0.0, 0.0
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.key not in GEMM_OPS:
+            continue
+        us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
+        gemm_us += us
+        gemm_flops += _gemm_flops(evt.key, evt.input_shapes) * evt.count
+    gemm_s = gemm_us / 1e6
+    return {"gemm_share": gemm_s / wall, "gemm_efficiency": gemm_flops / gemm_s / peak if gemm_s else 0.0,
+            "gemm_gflop": gemm_flops / 1e9}
 
 
 def sync(device) -> None:
@@ -213,6 +256,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data-path", default=None, help="CIFAR-10 source: also time the in-memory input pipeline")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory subprocesses")
+    p.add_argument("--compile", action="store_true", help="add a row: MAE with torch.compile'd blocks (train.compile)")
+    p.add_argument("--no-gemm-profile", dest="gemm_profile", action="store_false",
+                   help="skip the per-row profile of matrix-multiply time and efficiency")
     p.add_argument("--out", default="docs/PERFORMANCE.md")
     p.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
     p.add_argument("--no-write", action="store_true")
@@ -232,6 +278,8 @@ def run(args, argv: list[str]) -> int:
         _memory_row(args)
         return 0
     names = select_rows(args.methods)
+    if args.compile and "MAE" in names:
+        names.insert(names.index("MAE") + 1, COMPILED_ROW)
     if HF_ROW in names:
         try:
             import transformers  # noqa: F401
@@ -257,6 +305,8 @@ def run(args, argv: list[str]) -> int:
             if e is not None:
                 ema[name].append(e)
     peak = measure_gemm_peak(args.device)
+    gemm = {name: gemm_profile(r, images, args.warmup + args.repeats + 1, args.device, peak)
+            for name, r in rows.items()} if args.gemm_profile else {}
     child_argv = [a for a in argv if a not in ("--no-write",)] + ["--no-write", "--no-memory"]
     memory = {n: None for n in rows} if args.no_memory else {n: peak_memory(n, child_argv) for n in rows}
     pipeline = input_pipeline_rate(args.data_path, args.batch, args.img) if args.data_path else None
@@ -267,7 +317,8 @@ def run(args, argv: list[str]) -> int:
         t = statistics.median(times[name])
         row = {"row": name, "step_s": t, "imgs_per_s": args.batch / t, "gflops_per_img": flops[name] / args.batch / 1e9,
                "achieved_gflops": flops[name] / t / 1e9, "mfu": flops[name] / t / peak,
-               "ema_ms": statistics.median(ema[name]) * 1e3 if ema[name] else None, "peak_mib": memory[name]}
+               "ema_ms": statistics.median(ema[name]) * 1e3 if ema[name] else None, "peak_mib": memory[name],
+               **gemm.get(name, {})}
         if base is not None:
             row["time_ratio"] = t / base
             row["flop_ratio"] = flops[name] / flops["MAE"]
@@ -294,17 +345,21 @@ def render(args, argv, results, peak, pipeline) -> str:
         mem = "max allocated (MiB)"
     lines = [title, "",
              f"{time.strftime('%Y-%m-%d')}; {machine}; measured fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s (2048^3 matmul). "
-             f"Median of {args.repeats} steps after {args.warmup} warm-up steps, rows interleaved. Memory: {mem}.", "",
-             "| row | step (ms) | imgs/s | GFLOP/img (fwd+bwd) | GFLOP/s | MFU | EMA (ms, % of step) | peak mem | "
-             "time / MAE | FLOPs / MAE | time ratio / FLOP ratio | mem / MAE |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Median of {args.repeats} steps after {args.warmup} warm-up steps, rows interleaved. Memory: {mem}. "
+             "GEMM columns: one extra step under torch.profiler; the share of its time in mm/addmm/bmm and the FLOP "
+             "rate those reach as a fraction of the peak (the MFU a step could reach if nothing else took time).", "",
+             "| row | step (ms) | imgs/s | GFLOP/img (fwd+bwd) | GFLOP/s | MFU | GEMM % of step | GEMM efficiency | "
+             "EMA (ms, % of step) | peak mem | time / MAE | FLOPs / MAE | time ratio / FLOP ratio | mem / MAE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ema = f"{r['ema_ms']:.2f} ({100 * r['ema_ms'] / 1e3 / r['step_s']:.2f}%)" if r["ema_ms"] is not None else "-"
         mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] else "-"
         tr, fr, mr = r.get("time_ratio"), r.get("flop_ratio"), r.get("memory_ratio")
         lines.append(
             f"| {r['row']} | {1e3 * r['step_s']:.1f} | {r['imgs_per_s']:.1f} | {r['gflops_per_img']:.3f} | "
-            f"{r['achieved_gflops']:.1f} | {r['mfu']:.2f} | {ema} | {mem} | "
+            f"{r['achieved_gflops']:.1f} | {r['mfu']:.2f} | "
+            + (f"{100 * r['gemm_share']:.0f} | {r['gemm_efficiency']:.2f} | " if "gemm_share" in r else "- | - | ")
+            + f"{ema} | {mem} | "
             + (f"{tr:.3f} | {fr:.3f} | {tr / fr:.3f} | " if tr else "- | - | - | ")
             + (f"{mr:.3f} |" if mr else "- |"))
     if pipeline:

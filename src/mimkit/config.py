@@ -92,6 +92,7 @@ class TrainConfig:
     log_every: int = 10                # optimiser steps between metrics.jsonl lines
     pictures_every: int = 0            # epochs between reconstruction PNGs (0 = only at the end)
     device: str = "auto"               # auto | cpu | cuda
+    compile: bool = False              # torch.compile every transformer block (student and teacher)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from mimkit.errors import MimkitError
 from mimkit.eval.knn import evaluate_knn
 from mimkit.data.module import mix_seed
 from mimkit.methods import Method, Progress, build_method
+from mimkit.models.vit import compile_blocks
 from mimkit.methods.base import StepRandom
 from mimkit.runtime import datamodule_from_config, resolve_device
 from mimkit.train.distributed import (DistEnv, gather_tensors, init_distributed, mean_over_ranks, on_main, shutdown,
@@ -110,6 +111,8 @@ class Trainer:
 
         data = datamodule_from_config(cfg, log=log.info)
         method = build_method(cfg, data.in_chans).to(device)
+        if tr.compile:
+            log.info(f"torch.compile: {compile_blocks(method)} transformer blocks (the first steps include compiling)")
         world_size = env.world_size
         # DDP averages the student's gradients; the teacher (requires_grad=False) is not synchronised
         # because every rank updates it identically from the identical student (checked every epoch).

@@ -1,0 +1,41 @@
+"""mimkit bench: FLOP accounting of the GEMM profile, the compiled-blocks option."""
+
+import json
+
+import pytest
+import torch
+
+from mimkit.bench import _gemm_flops, main as bench_main
+from mimkit.models.vit import EncoderSpec, ViTEncoder, compile_blocks
+
+
+def test_gemm_flops_from_recorded_shapes():
+    assert _gemm_flops("aten::mm", [[4, 5], [5, 6]]) == 2 * 4 * 5 * 6
+    assert _gemm_flops("aten::addmm", [[6], [4, 5], [5, 6], [], []]) == 2 * 4 * 5 * 6
+    assert _gemm_flops("aten::bmm", [[3, 4, 5], [3, 5, 6]]) == 2 * 3 * 4 * 5 * 6
+    assert _gemm_flops("aten::mm", [[4, 5]]) == 0.0
+
+
+def test_bench_rows_account_for_their_matrix_multiplies(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench_main(["--img", "16", "--patch", "4", "--batch", "8", "--repeats", "1", "--warmup", "1",
+                       "--methods", "mae", "--no-memory", "--no-write", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["row"] == "MAE" and 0 < row["gemm_share"] <= 1 and row["gemm_efficiency"] > 0
+    total = row["gflops_per_img"] * 8  # torch.utils.flop_counter, forward + backward
+    # the profiled GEMMs are most of the counted FLOPs (the rest: attention) and never more
+    assert 0.7 * total <= row["gemm_gflop"] <= 1.0001 * total
+
+
+def test_compiled_blocks_keep_names_and_outputs():
+    torch.manual_seed(0)
+    enc = ViTEncoder(EncoderSpec(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2))
+    x = torch.randn(3, 1, 16, 16)
+    ref = enc.forward_features(x)
+    keys = list(enc.state_dict())
+    assert compile_blocks(enc) == 2
+    assert list(enc.state_dict()) == keys
+    out = enc.forward_features(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in enc.blocks.parameters())
