@@ -720,7 +720,7 @@ def write_report(study: Study, out: Path, figures: Path, command: str) -> None:
           "bandwidth, kernel launch and data loading weigh differently. Only the direction compares.", "",
           "## Reproduce", "", "```bash", command, "```", "",
           f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"torch {_torch_version()}. Run folders: `{study.root}` (logs in `logs/`, one per task).", ""]
+          f"torch {_torch_version()}. Run folders: `{_shown(study.root)}` (logs in `logs/`, one per task).", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(L))
@@ -750,6 +750,14 @@ def mce_table(study: Study, res: Results) -> list[str]:
 
 def _profile_value(prof: dict, key: str) -> str:
     return next(o.split("=", 1)[1] for o in prof["pretrain"] if o.startswith(key + "="))
+
+
+def _shown(path: Path) -> str:
+    """A path inside the repository relative to it (what a reader can find), others as given."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _torch_version() -> str:
