@@ -39,3 +39,29 @@ def test_compiled_blocks_keep_names_and_outputs():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     out.sum().backward()
     assert all(p.grad is not None for p in enc.blocks.parameters())
+
+
+def test_fused_adamw_is_the_default_and_takes_the_same_steps_as_foreach():
+    from mimkit.train.optim import build_adamw
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    b = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    b.load_state_dict(a.state_dict())
+    fused = build_adamw(a.named_parameters(), 1e-2, 0.05, (0.9, 0.95))
+    plain = build_adamw(b.named_parameters(), 1e-2, 0.05, (0.9, 0.95), fused=False)
+    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for model, opt in ((a, fused), (b, plain)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # a foreach optimiser's state (an older checkpoint) resumes in the fused one
+    again = build_adamw(b.named_parameters(), 1e-2, 0.05, (0.9, 0.95))
+    again.load_state_dict(plain.state_dict())
+    b(x).square().mean().backward()
+    again.step()
+    assert all(torch.isfinite(p).all() for p in b.parameters())

@@ -43,7 +43,7 @@ from mimkit.models.vit import ViTEncoder
 from mimkit.runtime import datamodule_from_config, resolve_device
 from mimkit.train.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from mimkit.train.loop import autocast_dtype, epoch_seed, set_determinism, show_progress_default
-from mimkit.train.optim import effective_lr, lr_at, set_lr
+from mimkit.train.optim import adamw, effective_lr, lr_at, set_lr
 from mimkit.train.runlog import RunLog, prepare_run_dir, truncate_metrics, write_json
 
 
@@ -176,8 +176,7 @@ class Finetuner:
                               f"the {data.num_train} training images; lower the batch size")
         total_steps = steps_per_epoch * tr.epochs
         warmup_steps = round(tr.warmup_epochs * steps_per_epoch)
-        optimizer = torch.optim.AdamW(layer_decay_groups(model, tr.weight_decay, tr.layer_decay), lr=peak_lr,
-                                      betas=tuple(tr.betas))
+        optimizer = adamw(layer_decay_groups(model, tr.weight_decay, tr.layer_decay), peak_lr, tr.betas)
         amp_dtype = autocast_dtype(tr.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         mixup = build_mixup(cfg, num_classes)
