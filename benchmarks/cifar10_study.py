@@ -665,11 +665,12 @@ def write_report(study: Study, out: Path, figures: Path, command: str) -> None:
          f"- Seeds: {', '.join(map(str, study.seeds))} for MAE, RC-MAE-S, RC-MAE-D and SdAE (the seed sets the "
          "training subset, initialisation, data order, crops and masks); ablations on the first seed only.", "",
          "### Verdict rule", "",
-         "For a claim \"A better than B\": the difference d = A - B is averaged over the seeds both arms have. The "
-         "noise threshold is two standard errors of that mean, the larger of (i) test-set sampling noise, "
-         "sqrt(2 p (1 - p) / n) / sqrt(seeds), and (ii) seed noise: the standard deviation of the per-seed "
-         "differences / sqrt(seeds) when there are two or more seeds, else sqrt(2) x the seed standard deviation "
-         "pooled over the main runs (single-seed ablations). Verdict: **holds** if d > threshold in the claimed "
+         "For a claim \"A better than B\" (better = higher accuracy, lower error, lower cost): the difference "
+         "d = A - B is averaged over the seeds both arms have. The noise threshold is two standard errors of that "
+         "mean, the largest of (i) test-set sampling noise, sqrt(2 p (1 - p) / n) / sqrt(seeds); (ii) seed noise, "
+         "sqrt(2) x the seed standard deviation pooled over the main runs / sqrt(seeds); (iii) with two or more "
+         "seeds, the standard deviation of this pair's per-seed differences / sqrt(seeds). "
+         "Verdict: **holds** if d is beyond the threshold in the claimed "
          "direction, **does not hold** if it is beyond the threshold the other way, **inconclusive within noise** "
          "otherwise. \"A equals B\" holds when |d| <= threshold. \"ours\" columns: mean over seeds ± half their "
          "range. Costs: the ratio A / B of the median training-step "
