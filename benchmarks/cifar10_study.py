@@ -82,7 +82,7 @@ VARIANTS = {
 DEFAULT_WHICH = {"mae": "student", "rc-mae": "teacher", "sdae": "student"}  # what each paper evaluates
 CURVE_ENCODERS = {"mae": ["student"], "rc-mae-s": ["teacher"], "sdae": ["teacher", "student"]}
 CURVE_VARIANTS = tuple(CURVE_ENCODERS)  # frozen evaluations every `curve_every` epochs (Fig. 1c, Fig. 4c)
-BOTH_ENCODERS = ("rc-mae-s", "sdae")          # fine-tuned from teacher and student (Table 12, Fig. 4c)
+BOTH_ENCODERS = ("rc-mae-s", "sdae")          # fine-tuned from teacher and student on the first seed (Table 12, 4c)
 BOTH_FROZEN = ("sdae-ema-step",)              # ablations whose teacher is probed too (Fig. 4c with a per-step EMA)
 ROBUSTNESS_VARIANTS = ("mae", "rc-mae-s", "rc-mae-d")  # Table 7
 
@@ -153,7 +153,8 @@ class Study:
     def finetunes(self) -> list[tuple[str, int, str]]:
         out = []
         for v, s in self.runs():
-            whichs = encoders_of(v) if v in BOTH_ENCODERS else [DEFAULT_WHICH[method_of(v)]]
+            both = v in BOTH_ENCODERS and s == self.seeds[0]  # teacher vs student: first seed (CPU budget)
+            whichs = encoders_of(v) if both else [DEFAULT_WHICH[method_of(v)]]
             out += [(v, s, w) for w in whichs]
         return out
 
@@ -473,10 +474,16 @@ class Results:
             return None if any(x is None for x in vals) else statistics.fmean(x["knn_top1"] for x in vals)
         raise KeyError(metric)
 
+    def planned_seeds(self, v: str, which: str, metric: str) -> list[int]:
+        """The seeds the study produces this number for (ablations, costs, non-default fine-tunes: the first)."""
+        which = DEFAULT_WHICH[method_of(v)] if which == "default" else which
+        first_only = (not VARIANTS[v][2] or metric == "step"
+                      or (metric == "finetune" and which != DEFAULT_WHICH[method_of(v)]))
+        return self.s.seeds[:1] if first_only else list(self.s.seeds)
+
     def values(self, v: str, which: str, metric: str) -> dict[int, float]:
-        seeds = self.s.seeds if VARIANTS[v][2] and metric != "step" else self.s.seeds[:1]
         out = {}
-        for s in seeds:
+        for s in self.planned_seeds(v, which, metric):
             x = self.value(v, which, metric, s)
             if x is not None:
                 out[s] = x
@@ -615,9 +622,9 @@ class Verdicts:
         else:
             want = good if rel == ">" else -good
             verdict = "holds" if want > thr else ("does not hold" if want < -thr else "inconclusive within noise")
-        if len(common) < len(self.res.s.seeds) and VARIANTS[arm_a[0]][2] and VARIANTS[arm_b[0]][2] \
-                and metric != "step":
-            verdict += f" ({len(common)} of {len(self.res.s.seeds)} seeds so far)"
+        planned = set(self.res.planned_seeds(*arm_a, metric)) & set(self.res.planned_seeds(*arm_b, metric))
+        if len(common) < len(planned):
+            verdict += f" ({len(common)} of {len(planned)} seeds so far)"
         return va, vb, d, thr, verdict
 
 
