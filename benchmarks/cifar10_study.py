@@ -229,15 +229,31 @@ class Study:
         tasks.append(Task(f"cost s{s0}", "cost", self.cost_file(),
                           lambda: [self.py, str(Path(__file__).resolve()), "_cost", "--profile", self.args.profile,
                                    "--out", str(self.cost_file())], logs / "cost.log"))
-        # seed-0 work first, then the next seeds; within a seed the order above (pre-train, frozen, fine-tune)
-        first = [t for t in tasks if t.kind == "pretrain" and t.key.endswith(f"s{s0}")]
-        rest = [t for t in tasks if t not in first]
-
+        # Priority: what every verdict needs first. Pre-training and frozen evaluations of all seeds (the seed
+        # noise that every threshold uses), the step costs, then the main fine-tunes (first seed, then the
+        # others) with their robustness scores, then the ablation and second-encoder fine-tunes.
         def seed_of(t: Task) -> int:
             return int(next(p for p in t.key.split() if p[0] == "s" and p[1:].isdigit())[1:])
 
-        rest.sort(key=lambda t: (seed_of(t) != s0, seed_of(t), t.kind in ("robustness", "cost")))
-        return first + rest
+        def main_default_finetune(t: Task) -> bool:
+            parts = t.key.split()
+            if parts[1] == "scratch":
+                return True
+            return VARIANTS[parts[1]][2] and parts[3] == DEFAULT_WHICH[method_of(parts[1])]
+
+        def rank(t: Task) -> tuple:
+            seed_rank = self.seeds.index(seed_of(t))
+            if t.kind in ("pretrain", "frozen"):
+                return (0, seed_rank, t.kind != "pretrain")
+            if t.kind == "cost":
+                return (1,)
+            if t.kind == "finetune" and main_default_finetune(t):
+                return (2, seed_rank)
+            if t.kind == "robustness":
+                return (3, seed_rank)
+            return (4, seed_rank)
+
+        return sorted(tasks, key=rank)  # stable: the construction order within a rank
 
     def _robustness_task(self, name: str, ft: Path, dep: str) -> Task:
         return Task(f"robustness {name}", "robustness", ft / "eval_robustness.json",

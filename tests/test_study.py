@@ -65,11 +65,18 @@ def test_task_graph_covers_every_run_once_in_priority_order(tmp_path):
     main = [v for v, (_, _, m) in cs.VARIANTS.items() if m]
     assert len(pre) == len(cs.VARIANTS) + len(main)  # ablations on the first seed only
     assert all(not k.endswith("s1") or k.split()[1] in main for k in pre)
-    # every seed-0 pre-training comes first; no seed-1 task before all seed-0 tasks
+    # priority: every seed-0 pre-training first; all pre-training and frozen evaluations (the seed noise every
+    # threshold needs) before the costs, the main fine-tunes, their robustness, then the ablation fine-tunes
     assert keys[:len(cs.VARIANTS)] == [f"pretrain {v} s0" for v in cs.VARIANTS]
-    last_s0 = max(i for i, k in enumerate(keys) if " s0" in k)
-    first_s1 = min(i for i, k in enumerate(keys) if " s1" in k)
-    assert last_s0 < first_s1
+    kinds = [t.kind for t in tasks]
+    last_frozen = max(i for i, k in enumerate(kinds) if k in ("pretrain", "frozen"))
+    assert kinds.index("cost") == last_frozen + 1 and kinds.index("finetune") == last_frozen + 2
+    main_ft = [i for i, k in enumerate(keys) if k.startswith("finetune") and (k.split()[1] == "scratch" or (
+        cs.VARIANTS[k.split()[1]][2] and k.split()[3] == cs.DEFAULT_WHICH[cs.method_of(k.split()[1])]))]
+    other_ft = [i for i, k in enumerate(keys) if k.startswith("finetune") and i not in main_ft]
+    assert len(main_ft) == 1 + 4 * 2 and max(main_ft) < min(i for i, k in enumerate(kinds) if k == "robustness")
+    assert max(i for i, k in enumerate(kinds) if k == "robustness") < min(other_ft)
+    assert "finetune rc-mae-s s0 student" in keys and "finetune rc-mae-s s1 student" not in keys
     # a task starts only after its dependencies in this order
     pos = {k: i for i, k in enumerate(keys)}
     assert all(pos[d] < pos[t.key] for t in tasks for d in t.deps)
