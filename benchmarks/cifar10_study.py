@@ -770,6 +770,11 @@ def write_report(study: Study, out: Path, figures: Path, command: str) -> None:
         L += ["### Robustness per corruption (first seed; error %, mean over severities 1-5)", "", *mce_rows, ""]
     L += ["## Summary of verdicts", "", "| claim | metric | verdict |", "|---|---|---|"]
     L += [f"| {t} | {m} | {v} |" for t, m, v in verdict_summary]
+    notes = Path(study.args.out_dir) / "RESULTS_NOTES.md"
+    if notes.exists():  # interpretation written by a person after reading the numbers above; kept apart from them
+        L += ["", "## Reading the results (written by hand from the numbers above, not computed)", "",
+              f"From [{notes.name}]({notes.name}); it was written for the runs listed here and may lag a re-run.", "",
+              notes.read_text().strip()]
     L += ["", "## What cannot be concluded from this study", "",
           "- Absolute accuracies: they are far below any CIFAR-10 number in the literature because the runs are "
           "minutes long; only differences between methods under identical budgets are meaningful, and only "
