@@ -223,8 +223,11 @@ def test_report_has_one_table_per_claim_and_figures(tmp_path):
         put_run(st, "mae", 0, 0.2 + e / 100, epoch=e)
         put(st.frozen_file("rc-mae-s", 0, e, "teacher"), {"knn_top1": 0.25 + e / 100, "linprobe_top1": 0.3})
     out = tmp_path / "docs" / "RESULTS.md"
+    out.parent.mkdir(parents=True)
+    (out.parent / "RESULTS_NOTES.md").write_text("The teacher lags the student.\n")
     cs.write_report(st, out, tmp_path / "docs" / "images" / "results", "python benchmarks/cifar10_study.py")
     text = out.read_text()
+    assert "## Reading the results (written by hand" in text and "The teacher lags the student." in text
     assert text.count("\n### ") >= len(cs.CLAIMS)
     for _, title, _, _ in cs.CLAIMS:
         assert f"### {title}" in text
