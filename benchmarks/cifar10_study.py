@@ -130,6 +130,9 @@ class Study:
     def checkpoint(self, variant: str, seed: int, epoch: int) -> Path:
         return self.run_dir(variant, seed) / "checkpoints" / f"epoch_{epoch:04d}.pt"
 
+    def init_file(self) -> Path:
+        return self.root / "init" / f"frozen_s{self.seeds[0]}.json"
+
     def cost_file(self) -> Path:
         return self.root / "cost.json"
 
@@ -212,6 +215,11 @@ class Study:
                                                          "--checkpoint", str(ckpt), "--which", w, "--out", str(out)],
                         logs / f"frozen-{v}-s{s}-e{epoch}-{w}.log", [f"pretrain {v} s{s}"]))
         s0 = self.seeds[0]
+        init_ckpt = self.run_dir("mae", s0) / "checkpoints" / "last.pt"
+        tasks.append(Task(f"frozen init s{s0}", "frozen", self.init_file(),
+                          lambda: [self.py, str(Path(__file__).resolve()), "_frozen", "--checkpoint", str(init_ckpt),
+                                   "--which", "student", "--random-init", str(s0), "--out", str(self.init_file())],
+                          logs / f"frozen-init-s{s0}.log", [f"pretrain mae s{s0}"]))
         scratch = self.scratch_dir(s0)
         tasks.append(Task(f"finetune scratch s{s0}", "finetune", scratch / "eval_finetune.json",
                           lambda: self.finetune_argv(scratch, self.run_dir("mae", s0) / "checkpoints" / "last.pt",
@@ -358,29 +366,38 @@ def cmd_frozen(argv: list[str]) -> int:
     p.add_argument("--which", required=True, choices=("teacher", "student"))
     p.add_argument("--out", required=True)
     p.add_argument("--pool", default="mean", choices=("mean", "cls"))
+    p.add_argument("--random-init", type=int, default=None, metavar="SEED",
+                   help="evaluate a freshly initialised encoder of the checkpoint's config instead of its weights")
     a = p.parse_args(argv)
     import torch
 
     from mimkit.config import config_from_dict
     from mimkit.eval.knn import extract_features, knn_accuracy
     from mimkit.eval.linprobe import build_linprobe_config, run_linprobe
-    from mimkit.eval.loading import load_pretrained_encoder, read_pretraining_checkpoint
+    from mimkit.eval.loading import checkpoint_in_chans, load_pretrained_encoder, read_pretraining_checkpoint
+    from mimkit.methods import build_method
     from mimkit.runtime import datamodule_from_config
     from mimkit.train.runlog import write_json
 
     t0 = time.time()
     ckpt = read_pretraining_checkpoint(a.checkpoint)
-    pre = load_pretrained_encoder(a.checkpoint, a.which, ckpt)
-    cfg = config_from_dict(pre.config)
+    if a.random_init is not None:  # the reference point: what pre-training has to beat
+        cfg = config_from_dict(ckpt["config"])
+        torch.manual_seed(a.random_init)
+        enc, method_name, saved = build_method(cfg, checkpoint_in_chans(ckpt)).encoder("student"), "init", ckpt["config"]
+        ckpt = {**ckpt, "epoch": 0}
+    else:
+        pre = load_pretrained_encoder(a.checkpoint, a.which, ckpt)
+        cfg, enc, method_name, saved = config_from_dict(pre.config), pre.encoder, pre.method, pre.config
     data = datamodule_from_config(cfg)
     device = torch.device("cpu")
-    enc = pre.encoder.to(device)
+    enc = enc.eval().to(device)
     train = extract_features(enc, data.eval_batches("train", 256, device), a.pool)
     test = extract_features(enc, data.eval_batches("test", 256, device), a.pool)
     knn = knn_accuracy(*train, *test, k=cfg.eval.knn_k, temperature=cfg.eval.knn_t)
-    lp_cfg = build_linprobe_config(None, [f"eval.pool={a.pool}"], pre.config)
+    lp_cfg = build_linprobe_config(None, [f"eval.pool={a.pool}"], saved)
     lp = run_linprobe(enc, data, lp_cfg, device=device, features=(*train, *test))
-    res = {"checkpoint": a.checkpoint, "which": a.which, "method": pre.method, "epoch": int(ckpt["epoch"]),
+    res = {"checkpoint": a.checkpoint, "which": a.which, "method": method_name, "epoch": int(ckpt["epoch"]),
            "pool": a.pool, "knn_top1": knn["knn_top1"], "linprobe_top1": lp["linprobe_top1"],
            "linprobe_best_top1": lp["best_top1"], "linprobe_blr": lp["blr"], "linprobe_epochs": lp["epochs"],
            "train_images": int(train[1].shape[0]), "test_images": int(test[1].shape[0]),
@@ -758,6 +775,9 @@ def write_report(study: Study, out: Path, figures: Path, command: str) -> None:
         cells.append(_fmt(rob["mean_corruption_error"]) if rob else "—")
         L.append("| " + " | ".join(cells) + " |")
     s0 = study.seeds[0]
+    init = _read(study.init_file())
+    L += ["", f"Encoder at initialisation (the runs' shape and data, random weights, seed {s0}): "
+          + (f"kNN {_fmt(init['knn_top1'])}, linear probe {_fmt(init['linprobe_top1'])}." if init else "not run yet.")]
     scratch = _read(study.scratch_dir(s0) / "eval_finetune.json")
     scratch_rob = _read(study.scratch_dir(s0) / "eval_robustness.json")
     mae_ft = res.value("mae", "default", "finetune", s0)

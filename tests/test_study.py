@@ -86,6 +86,8 @@ def test_task_graph_covers_every_run_once_in_priority_order(tmp_path):
     assert [k for k in frozen if k.startswith("frozen rc-mae-d s0")] == ["frozen rc-mae-d s0 e8 teacher",
                                                                          "frozen rc-mae-d s0 e8 student"]
     assert [k for k in frozen if k.startswith("frozen sdae-full")] == ["frozen sdae-full s0 e8 student"]
+    init = next(t for t in tasks if t.key == "frozen init s0")
+    assert init.deps == ["pretrain mae s0"] and "--random-init" in init.build()
 
 
 def test_commands_resume_what_was_interrupted(tmp_path):
@@ -280,3 +282,13 @@ def test_frozen_evaluation_matches_the_library_knn_and_probe(tmp_path):
                       device=torch.device("cpu"))
     assert res["linprobe_top1"] == pytest.approx(lp["linprobe_top1"])
     assert res["train_images"] == 512 and res["test_images"] == 256
+    # the reference point: the same shape and data with fresh weights
+    init = tmp_path / "init.json"
+    assert cs.main(["_frozen", "--checkpoint", str(ckpt), "--which", "student", "--random-init", "0",
+                    "--out", str(init)]) == 0
+    r0 = json.loads(init.read_text())
+    torch.manual_seed(0)
+    from mimkit.methods import build_method
+    fresh = build_method(config_from_dict(pre.config), 1).encoder("student").eval()
+    assert r0["method"] == "init" and r0["epoch"] == 0
+    assert r0["knn_top1"] == pytest.approx(evaluate_knn(fresh, data, device=torch.device("cpu"), pool="mean")["knn_top1"])
