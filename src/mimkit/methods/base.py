@@ -93,6 +93,14 @@ class Method(nn.Module):
         """Parameters the optimiser trains (never the teacher)."""
         return (p for p in self.student.parameters() if p.requires_grad)
 
+    #: True when :meth:`before_optimizer_step` changes the gradients (the loop then unscales them first)
+    edits_gradients: bool = False
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        """Called once per real optimiser step when :attr:`edits_gradients` is True: the student's ``.grad`` are
+        final (accumulated, all-reduced across processes, unscaled), before clipping and the optimiser step;
+        ``progress.step`` is the number the step being taken will have."""
+
     def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
         """Called once after each real optimiser step (not on accumulation micro-steps)."""
         return {}

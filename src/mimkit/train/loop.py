@@ -206,8 +206,11 @@ class Trainer:
                     continue  # accumulation micro-step: no optimiser step, no EMA update
                 lr = lr_at(step, total_steps, warmup_steps, peak_lr, tr.min_lr)
                 set_lr(optimizer, lr)
-                if tr.clip_grad:
+                if tr.clip_grad or method.edits_gradients:
                     scaler.unscale_(optimizer)
+                if method.edits_gradients:  # e.g. rc-mae-free: a correction added to the final gradients
+                    method.before_optimizer_step(Progress(step + 1, epoch, steps_per_epoch, total_steps, tr.epochs))
+                if tr.clip_grad:
                     torch.nn.utils.clip_grad_norm_(list(method.student_parameters()), tr.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
