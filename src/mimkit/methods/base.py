@@ -137,6 +137,15 @@ class Method(nn.Module):
         if state is not None:
             raise ValueError(f"method {self.name} has no teacher to load")
 
+    def method_state_dict(self) -> dict:
+        """Everything besides the student/teacher weights that a resumed run needs to continue exactly
+        (tensors and plain Python values only: e.g. the momentum last used, monitor counters, optimiser-side
+        buffers). Saved in checkpoints under ``method_state``; empty by default."""
+        return {}
+
+    def load_method_state_dict(self, state: dict) -> None:
+        """Restore :meth:`method_state_dict` (``{}`` for checkpoints written before it existed)."""
+
     def on_train_end(self, run_dir) -> dict[str, float]:
         """Called once after the last epoch (e.g. to draw a histogram from metrics.jsonl)."""
         return {}
