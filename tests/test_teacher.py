@@ -214,10 +214,11 @@ def test_constant_value():
 
 def test_momentum_for_step_unit_uses_global_step():
     s = MomentumSchedule(0.9, final=1.0, kind="cosine", unit="step")
-    # first optimiser step done -> update 0 -> base; last step done -> final
-    assert s.momentum_for(_progress(step=1, total_steps=11)) == pytest.approx(0.9)
-    assert s.momentum_for(_progress(step=6, total_steps=11)) == pytest.approx(0.95)
-    assert s.momentum_for(_progress(step=11, total_steps=11)) == pytest.approx(1.0)
+    # update i of U = total_steps runs cos(pi * i / U) (the official SdAE scheduler's convention): the first
+    # optimiser step gives base, the middle one the midpoint, the last one just below final
+    assert s.momentum_for(_progress(step=1, total_steps=10)) == pytest.approx(0.9)
+    assert s.momentum_for(_progress(step=6, total_steps=10)) == pytest.approx(0.95)
+    assert s.momentum_for(_progress(step=10, total_steps=10)) == pytest.approx(1.0 - 0.1 * (math.cos(0.9 * math.pi) + 1) / 2)
     # independent of the epoch / steps-per-epoch split (the reference restarts every epoch)
     a = s.momentum_for(_progress(step=6, epoch=0, steps_per_epoch=11, total_steps=11, epochs=1))
     b = s.momentum_for(_progress(step=6, epoch=2, steps_per_epoch=2, total_steps=11, epochs=6))
@@ -227,9 +228,50 @@ def test_momentum_for_step_unit_uses_global_step():
 
 def test_momentum_for_epoch_unit_counts_finished_epochs():
     s = MomentumSchedule(0.96, final=0.99, kind="cosine", unit="epoch")
-    assert s.momentum_for(_progress(epoch=1, epochs=5)) == pytest.approx(0.96)
-    assert s.momentum_for(_progress(epoch=3, epochs=5)) == pytest.approx(0.975)
-    assert s.momentum_for(_progress(epoch=5, epochs=5)) == pytest.approx(0.99)
+    # official SdAE scheduler: epoch e of a schedule of length E gets cos(pi * e / E) (not / (E - 1))
+    official = [0.99 - 0.03 * (math.cos(math.pi * e / 4) + 1) / 2 for e in range(4)]
+    assert [s.momentum_for(_progress(epoch=e + 1, epochs=4)) for e in range(4)] == pytest.approx(official)
+    assert s.momentum_for(_progress(epoch=3, epochs=4)) == pytest.approx(0.975)
+
+
+def test_every_k_steps_is_the_epoch_schedule_counted_in_steps():
+    per_epoch = MomentumSchedule(0.96, final=0.99, kind="cosine", unit="epoch")
+    every = MomentumSchedule(0.96, final=0.99, kind="cosine", unit="step", every=7)
+    epochs, spe = 5, 7
+    by_steps = [every.momentum_for(_progress(step=t, steps_per_epoch=spe, total_steps=spe * epochs, epochs=epochs))
+                for t in range(1, spe * epochs + 1) if every.due(_progress(step=t))]
+    by_epochs = [per_epoch.momentum_for(_progress(epoch=e, epochs=epochs)) for e in range(1, epochs + 1)]
+    assert by_steps == pytest.approx(by_epochs) and len(by_steps) == 5
+    assert every.num_updates(35, 5) == 5 and every.num_updates(41, 5) == 5
+    assert [t for t in range(1, 30) if every.due(_progress(step=t))] == [7, 14, 21, 28]
+    with pytest.raises(MimkitError, match="ema_every_steps"):
+        MomentumSchedule(0.9, unit="epoch", every=3)
+    with pytest.raises(MimkitError, match="ema_every_steps"):
+        MomentumSchedule(0.9, every=0)
+
+
+def test_teacher_regime_figures():
+    from mimkit.teacher import teacher_regime
+
+    # RC-MAE at 0.996 per step: horizon 250 steps; initial share 0.996 ** steps
+    r = teacher_regime(MomentumSchedule(0.996), total_steps=10_000, steps_per_epoch=500, epochs=20)
+    assert r.updates == 10_000
+    assert r.horizon_steps == pytest.approx(250.0)
+    assert r.horizon_fraction == pytest.approx(0.025)
+    assert r.init_share == pytest.approx(0.996 ** 10_000, rel=1e-9)
+    # the old quick study: 624 steps keep 8 % of the initial weights, horizon 40 % of the run
+    q = teacher_regime(MomentumSchedule(0.996), total_steps=624, steps_per_epoch=78, epochs=8)
+    assert q.init_share == pytest.approx(0.082, abs=1e-3) and q.horizon_fraction == pytest.approx(0.4006, abs=1e-3)
+    # SdAE per epoch (8 updates) vs every 30 steps: the product of the momenta, horizon at the last momentum
+    e = teacher_regime(MomentumSchedule(0.96, 0.99, "cosine", "epoch"), total_steps=624, steps_per_epoch=78, epochs=8)
+    assert e.updates == 8
+    assert e.init_share == pytest.approx(math.prod(MomentumSchedule(0.96, 0.99, "cosine", "epoch").momenta(624, 8)))
+    last = 0.99 - 0.03 * (math.cos(math.pi * 7 / 8) + 1) / 2
+    assert e.horizon_steps == pytest.approx(78 / (1 - last))
+    k = teacher_regime(MomentumSchedule(0.96, 0.99, "cosine", "step", every=30), total_steps=9000, steps_per_epoch=900,
+                       epochs=10)
+    assert k.updates == 300 and k.init_share < 0.01
+    assert "300 EMA updates" in k.line()
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,7 @@ class MethodConfig:
     momentum_final: float | None = None
     momentum_schedule: str | None = None   # constant | cosine
     ema_unit: str | None = None            # step | epoch
+    ema_every_steps: int | None = None     # EMA update every K optimiser steps (implies ema_unit=step)
     # rc-mae
     mask_mode: str = "same"            # same (RC-MAE-S) | different (RC-MAE-D)
     gamma: float = 1.0
@@ -333,6 +334,13 @@ def validate(cfg: Config) -> None:
         raise MimkitError(f"data.crop_min_scale must be in (0, 1], got {cfg.data.crop_min_scale}")
     if cfg.eval.knn_k < 1:
         raise MimkitError(f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}")
+    if m.ema_every_steps is not None:
+        if m.ema_every_steps < 1:
+            raise MimkitError(f"method.ema_every_steps must be an integer >= 1, got {m.ema_every_steps}")
+        if m.ema_unit == "epoch":
+            raise MimkitError(f"method.ema_every_steps={m.ema_every_steps} counts optimiser steps and cannot be "
+                              "combined with method.ema_unit=epoch; use method.ema_unit=step or drop one of them")
+        m.ema_unit = "step"
     for key, default in METHOD_EMA_DEFAULTS.get(m.name, {}).items():
         if getattr(m, key) is None:
             setattr(m, key, default)

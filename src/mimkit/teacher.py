@@ -52,13 +52,21 @@ class MomentumSchedule:
         base: momentum of the first update (and of every update when ``kind="constant"``).
         final: momentum of the last update (``kind="cosine"`` only; ignored when constant).
         kind: ``"constant"`` or ``"cosine"`` (half-cosine from ``base`` up to ``final``).
-        unit: ``"step"`` (update after every optimiser step) or ``"epoch"`` (after every epoch).
+        unit: ``"step"`` (update after optimiser steps) or ``"epoch"`` (after every epoch).
+        every: with ``unit="step"``, update after every ``every``-th optimiser step (``method.ema_every_steps``;
+            1 = every step). ``every = steps per epoch`` is the per-epoch schedule counted in steps, which lets a
+            short run give the teacher the paper's number of updates (sdae: 100-300) at any epoch count.
+
+    The cosine runs over the schedule's updates ``0 .. U - 1`` as ``cos(pi * i / U)`` (``U`` = number of
+    updates), as the official SdAE scheduler does (its length is the epoch count), so the last update sits just
+    below ``final``.
     """
 
     base: float = 0.996
     final: float | None = None
     kind: str = "constant"
     unit: str = "step"
+    every: int = 1
 
     def __post_init__(self) -> None:
         _check_momentum("base", self.base)
@@ -70,6 +78,11 @@ class MomentumSchedule:
             raise MimkitError(f"unknown momentum schedule unit {self.unit!r}; accepted: {', '.join(MOMENTUM_UNITS)}")
         if self.kind == "cosine" and self.final is None:
             raise MimkitError("momentum schedule kind 'cosine' needs a final momentum, got final=None")
+        if not (isinstance(self.every, int) and not isinstance(self.every, bool) and self.every >= 1):
+            raise MimkitError(f"method.ema_every_steps must be an integer >= 1, got {self.every!r}")
+        if self.every > 1 and self.unit != "step":
+            raise MimkitError(f"method.ema_every_steps={self.every} counts optimiser steps; it cannot be combined "
+                              "with method.ema_unit=epoch (use ema_unit=step, or leave ema_every_steps unset)")
 
     def value(self, index: int, total: int) -> float:
         """Momentum of the ``index``-th update (from 0) out of updates ``0 .. total``.
@@ -84,22 +97,75 @@ class MomentumSchedule:
         base, final = float(self.base), float(self.final)
         return final - (final - base) * (math.cos(math.pi * index / total) + 1.0) / 2.0
 
+    def num_updates(self, total_steps: int, epochs: int) -> int:
+        """How many EMA updates a run of ``total_steps`` optimiser steps in ``epochs`` epochs makes."""
+        return epochs if self.unit == "epoch" else total_steps // self.every
+
+    def due(self, progress: Progress) -> bool:
+        """Whether an update happens after the optimiser step ``progress.step`` (unit ``step``)."""
+        return self.unit == "step" and progress.step % self.every == 0
+
     def position(self, progress: Progress) -> tuple[int, int]:
         """(index, total) of the update that happens now, from the global training position.
 
-        unit ``step`` (called after an optimiser step): ``progress.step`` optimiser steps are done,
-        so this is update ``step - 1`` of ``0 .. total_steps - 1``.
-        unit ``epoch`` (called after an epoch, when ``progress.epoch`` = epochs finished): this is
-        update ``epoch - 1`` of ``0 .. epochs - 1``.
+        unit ``step`` (called after an optimiser step that is :meth:`due`): ``progress.step`` optimiser steps
+        are done, so this is update ``step // every - 1`` of ``U = total_steps // every``.
+        unit ``epoch`` (called after an epoch, when ``progress.epoch`` = epochs finished): update ``epoch - 1``
+        of ``U = epochs``.
         """
         if self.unit == "step":
-            return progress.step - 1, max(progress.total_steps - 1, 1)
-        return progress.epoch - 1, max(progress.epochs - 1, 1)
+            return progress.step // self.every - 1, max(progress.total_steps // self.every, 1)
+        return progress.epoch - 1, max(progress.epochs, 1)
 
     def momentum_for(self, progress: Progress) -> float:
         """Momentum for the update made now (see :meth:`position`); a pure function of the
         global position, so resume continues the schedule exactly."""
         return self.value(*self.position(progress))
+
+    def momenta(self, total_steps: int, epochs: int) -> list[float]:
+        """The momentum of every update of a whole run, in order."""
+        total = max(self.num_updates(total_steps, epochs), 1)
+        return [self.value(i, total) for i in range(self.num_updates(total_steps, epochs))]
+
+
+@dataclass(frozen=True)
+class TeacherRegime:
+    """Whether an EMA teacher had time to become an average of the student (rc-mae Sec. 3, sdae Fig. 4).
+
+    Attributes:
+        updates: EMA updates over the run.
+        horizon_steps: ``every / (1 - m_last)`` optimiser steps, the averaging window at the end of the run.
+        horizon_fraction: ``horizon_steps / total_steps`` (the paper runs: RC-MAE 0.05-0.1 %, SdAE 33-100 %).
+        init_share: share of the teacher's initial weights left in the final teacher, the product of the momenta.
+    """
+
+    updates: int
+    horizon_steps: float
+    horizon_fraction: float
+    init_share: float
+
+    def line(self) -> str:
+        return (f"teacher regime: {self.updates} EMA updates, horizon {self.horizon_steps:,.0f} steps = "
+                f"{100 * self.horizon_fraction:.2f} % of the run, initial weights left {100 * self.init_share:.3g} %")
+
+
+def teacher_regime(schedule: MomentumSchedule, total_steps: int, steps_per_epoch: int, epochs: int) -> TeacherRegime:
+    """The :class:`TeacherRegime` of ``schedule`` over a run (pure arithmetic, nothing is trained)."""
+    momenta = schedule.momenta(total_steps, epochs)
+    every = steps_per_epoch if schedule.unit == "epoch" else schedule.every
+    last = momenta[-1] if momenta else float(schedule.base)
+    horizon = every / max(1.0 - last, 1e-12)
+    share = math.exp(sum(math.log(m) if m > 0 else -math.inf for m in momenta)) if momenta else 1.0
+    return TeacherRegime(len(momenta), horizon, horizon / max(total_steps, 1), share)
+
+
+def momentum_schedule_from(method_cfg) -> MomentumSchedule:
+    """The schedule of ``cfg.method`` (momentum, momentum_final, momentum_schedule, ema_unit, ema_every_steps),
+    whose unset fields ``config.validate`` has filled with the method's published defaults."""
+    m = method_cfg
+    every = getattr(m, "ema_every_steps", None)
+    return MomentumSchedule(m.momentum, m.momentum_final, m.momentum_schedule, m.ema_unit,
+                            1 if every is None else every)
 
 
 class EMATeacher(nn.Module):
@@ -213,6 +279,10 @@ class TeacherHooks:
     def ema_source(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def teacher_regime(self, total_steps: int, steps_per_epoch: int, epochs: int) -> TeacherRegime:
+        """EMA updates, horizon and initial-weight share of this method's teacher over a run."""
+        return teacher_regime(self.momentum, total_steps, steps_per_epoch, epochs)
+
     def update_teacher(self, momentum: float) -> None:
         """One EMA step T <- m T + (1 - m) S (rc-mae Eq. 2, sdae Eq. 7)."""
         self.teacher.update(self.ema_source(), momentum)
@@ -229,7 +299,7 @@ class TeacherHooks:
         return self._scheduled_update("epoch", progress)  # progress.epoch = finished epochs
 
     def _scheduled_update(self, unit: str, progress: Progress) -> dict[str, float]:
-        if self.momentum.unit != unit:
+        if self.momentum.unit != unit or (unit == "step" and not self.momentum.due(progress)):
             return {}
         m = self.momentum.momentum_for(progress)
         self.update_teacher(m)

@@ -19,9 +19,9 @@ def build_method(cfg, in_chans: int) -> Method:
         return MAE(spec, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss)
     if m.name == "rc-mae":
         from mimkit.methods.rc_mae import RCMAE
-        from mimkit.teacher import MomentumSchedule
+        from mimkit.teacher import momentum_schedule_from
 
-        schedule = MomentumSchedule(m.momentum, m.momentum_final, m.momentum_schedule, m.ema_unit)
+        schedule = momentum_schedule_from(m)
         return RCMAE(spec, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, mask_mode=m.mask_mode,
                      gamma=m.gamma, momentum=schedule, grad_align_every=m.grad_align_every)
     if m.name == "sdae":

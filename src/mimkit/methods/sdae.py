@@ -250,6 +250,7 @@ def build_sdae(cfg, spec: ModelSpec) -> SdAE:
         m.momentum_final if m.momentum_final is not None else d.final,
         m.momentum_schedule if m.momentum_schedule is not None else d.kind,
         m.ema_unit if m.ema_unit is not None else d.unit,
+        m.ema_every_steps if getattr(m, "ema_every_steps", None) is not None else 1,
     )
     return SdAE(spec, mask_ratio=m.mask_ratio, teacher_input=m.teacher_input, folds=m.folds,
                 crop_ratio=m.crop_ratio, cosine_dim=m.cosine_dim, momentum=schedule)

@@ -9,6 +9,7 @@ so a run killed at any moment and resumed from ``last.pt`` replays the interrupt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -165,6 +166,10 @@ class Trainer:
             f"{'; set directly by train.lr' if tr.lr is not None else ''}), {steps_per_epoch} steps/epoch, "
             f"{total_steps} steps, warmup {warmup_steps} steps"
         )
+        if hasattr(method, "teacher_regime"):  # EMA teacher: does the run give it time to average the student?
+            regime = method.teacher_regime(total_steps, steps_per_epoch, tr.epochs)
+            log.info(regime.line())
+            extra["teacher_regime"] = dataclasses.asdict(regime)
 
         has_labels = data.classes is not None and data.has_test
         eval_which = cfg.eval.which or method.default_which
@@ -297,6 +302,8 @@ class Trainer:
                 summary[f"final_{key}"] = last_record[key]
         if "knn_top1_init" in extra:
             summary["knn_top1_init"] = extra["knn_top1_init"]
+        if "teacher_regime" in extra:
+            summary["teacher_regime"] = extra["teacher_regime"]
         if data.classes is not None and data.has_test:
             res = self._knn(method, data, cfg, device, which, show, env)
             summary.update(res)
