@@ -60,6 +60,19 @@ PROFILES = {
                      "eval.pool=mean"],
         "epochs": 10, "curve_every": 2, "finetune_epochs": 5, "robust_images": 1000,
     },
+    "fair": {
+        "about": "ViT 6 x 128 (4 heads, patch 4 at 32 px: 64 patches), decoder 1 x 96, all 50,000 training images, "
+                 "13 epochs, batch 64: 10,153 optimiser steps",
+        "pretrain": ["model.embed_dim=128", "model.depth=6", "model.num_heads=4", "model.decoder_dim=96",
+                     "model.decoder_depth=1", "model.decoder_heads=4", "train.epochs=13", "train.batch_size=64",
+                     "train.blr=1.5e-3", "train.warmup_epochs=1", "train.ckpt_every=3", "train.log_every=50",
+                     "eval.knn_every=0", "eval.pool=mean"],
+        # SdAE at the paper's recipe: drop path 0.25 on the encoder, cosine 0.96 -> 0.99 over ~300 updates
+        # (supplement: 300 epochs, one update per epoch) = one update every 34 of the 10,153 steps
+        "variant_sets": {"sdae": ["model.drop_path=0.25", "method.ema_every_steps=34"]},
+        "seeds": {"mae": 3, "rc-mae-s": 3, "rc-mae-d": 2, "sdae": 2, "rc-mae-free": 3},
+        "epochs": 13, "curve_epochs": [3, 6, 9, 13], "finetune_epochs": 0, "robust_images": 1000,
+    },
 }
 
 # name -> (label, method overrides, main: pre-trained on every seed; else on the first seed only)
@@ -137,12 +150,17 @@ class Study:
         return self.root / "cost.json"
 
     def runs(self) -> list[tuple[str, int]]:
+        counts = self.profile.get("seeds")
+        if counts is not None:  # the profile says how many seeds each variant gets (the others are not run)
+            return [(v, s) for i, s in enumerate(self.seeds) for v in VARIANTS if v in counts and i < counts[v]]
         return [(v, s) for s in self.seeds for v, (_, _, main) in VARIANTS.items() if main or s == self.seeds[0]]
 
     def curve_epochs(self, variant: str) -> list[int]:
-        e, every = self.profile["epochs"], self.profile["curve_every"]
         if variant not in CURVE_VARIANTS:
-            return [e]
+            return [self.profile["epochs"]]
+        if "curve_epochs" in self.profile:
+            return list(self.profile["curve_epochs"])
+        e, every = self.profile["epochs"], self.profile["curve_every"]
         return sorted({*range(every, e + 1, every), e})
 
     def frozen_encoders(self, variant: str, epoch: int) -> list[str]:
@@ -179,7 +197,8 @@ class Study:
     def pretrain_argv(self, variant: str, seed: int) -> list[str]:
         run = self.run_dir(variant, seed)
         self._clear_unfinished(run)
-        sets = [f"data.path={self.data_path()}", *self.profile["pretrain"], *VARIANTS[variant][1], f"train.seed={seed}"]
+        sets = [f"data.path={self.data_path()}", *self.profile["pretrain"], *VARIANTS[variant][1],
+                *self.profile.get("variant_sets", {}).get(variant, []), f"train.seed={seed}"]
         argv = self._mimkit("pretrain", "--config", "cifar10-vit-tiny", "--output", str(run),
                             *[x for o in sets for x in ("--set", o)])
         if (run / "checkpoints" / "last.pt").exists():
