@@ -68,8 +68,8 @@ PROFILES = {
                      "train.blr=1.5e-3", "train.warmup_epochs=1", "train.ckpt_every=3", "train.log_every=50",
                      "eval.knn_every=0", "eval.pool=mean"],
         # SdAE at the paper's recipe: drop path 0.25 on the encoder, cosine 0.96 -> 0.99 over ~300 updates
-        # (supplement: 300 epochs, one update per epoch) = one update every 34 of the 10,153 steps
-        "variant_sets": {"sdae": ["model.drop_path=0.25", "method.ema_every_steps=34"]},
+        # (supplement: 300 epochs, one update per epoch) = one update every 33 of the 10,153 steps: 307 updates
+        "variant_sets": {"sdae": ["model.drop_path=0.25", "method.ema_every_steps=33"]},
         "seeds": {"mae": 3, "rc-mae-s": 3, "rc-mae-d": 2, "sdae": 2, "rc-mae-free": 3},
         "epochs": 13, "curve_epochs": [3, 6, 9, 13], "finetune_epochs": 0, "robust_images": 1000,
     },
