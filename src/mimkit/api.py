@@ -1,4 +1,7 @@
-"""Loading a trained checkpoint for evaluation, pictures and export (shared by the CLI commands)."""
+"""Loading a trained checkpoint for evaluation, pictures and export (shared by the CLI commands).
+
+Both functions are thin users of :func:`mimkit.eval.loading.open_checkpoint`, the one checkpoint reader.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +11,44 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimkit.config import Config, config_from_dict, parse_override, set_value
+from mimkit.config import Config
 from mimkit.errors import MimkitError
-from mimkit.methods import Method, build_method
-from mimkit.train.checkpoint import load_checkpoint
-from mimkit.runtime import datamodule_from_config, resolve_device
+from mimkit.eval.loading import LoadedCheckpoint, open_checkpoint
+from mimkit.methods import Method
 
 
 @dataclass
 class Loaded:
     cfg: Config
-    method: Method
+    method: Method | None           # None for a fine-tuned classifier (see ``checkpoint.classifier``)
     encoder: nn.Module
     which: str
     data: object
     device: torch.device
+    checkpoint: LoadedCheckpoint | None = None
+
+    def need_method(self, what: str) -> Method:
+        """The pre-training method, or one line saying a fine-tuned classifier has none (no decoder, no teacher)."""
+        if self.method is None:
+            raise MimkitError(f"{self.checkpoint.path} is a fine-tuned classifier (encoder + head, no decoder): "
+                              f"{what} needs a pre-training checkpoint")
+        return self.method
 
 
 def load_method(checkpoint: str | Path, overrides=(), device: str | None = None, *, need_data: bool = True):
-    """Rebuild the method of a checkpoint with its weights; overrides apply to the saved config."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_dict(ckpt["config"])
-    for item in overrides:
-        set_value(cfg, *parse_override(item))
-    if device:
-        cfg.train.device = device
-    dev = resolve_device(cfg.train.device)
-    data = datamodule_from_config(cfg) if need_data else None
-    in_chans = data.in_chans if data is not None else ckpt["student"]["encoder.patch_embed.proj.weight"].shape[1]
-    method = build_method(cfg, in_chans)
-    method.student.load_state_dict(ckpt["student"])
-    method.load_teacher_state_dict(ckpt["teacher"])
-    method.to(dev).eval()
-    return cfg, method, data, dev
+    """Rebuild the method of a checkpoint with its weights; overrides apply to the saved config.
+
+    Returns ``(cfg, method, data, device)``; ``method`` is None for a fine-tuned classifier."""
+    loaded = open_checkpoint(checkpoint, overrides=overrides, device=device)
+    data = loaded.datamodule() if need_data else None
+    return loaded.config, loaded.method, data, loaded.device
 
 
 def load_for_eval(checkpoint, overrides=(), device: str | None = None, which: str | None = None) -> Loaded:
-    cfg, method, data, dev = load_method(checkpoint, overrides, device)
-    which = which or cfg.eval.which or method.default_which
-    return Loaded(cfg, method, method.encoder(which), which, data, dev)
+    loaded = open_checkpoint(checkpoint, overrides=overrides, device=device)
+    which = which or loaded.default_which
+    encoder = loaded.encoder(which)
+    return Loaded(loaded.config, loaded.method, encoder, which, loaded.datamodule(), loaded.device, loaded)
 
 
 def result_path(checkpoint: str | Path, output: str | None, filename: str) -> Path:
@@ -60,3 +62,57 @@ def result_path(checkpoint: str | Path, output: str | None, filename: str) -> Pa
     if not run_dir.is_dir():
         raise MimkitError(f"cannot find a folder for {filename} next to {checkpoint}; pass --output DIR")
     return run_dir / filename
+
+
+#: evaluation keys that change what is measured (and so get their own result file)
+NAMING_EVAL_KEYS = ("eval.pool", "eval.knn_k", "eval.knn_t")
+
+
+def eval_result_name(kind: str, *, which: str, default_which: str, random_init: int | None = None,
+                     overrides=()) -> str:
+    """``eval_<kind>.json`` for the checkpoint's own settings; other settings get their own file, e.g.
+    ``eval_knn-init0.json`` (random init, seed 0), ``eval_knn-student.json`` (not the default encoder),
+    ``eval_knn-max_test1000.json`` (``--set data.max_test=1000``): what is measured (encoder, data, pooling, k) names
+    the file, so those never overwrite each other; how a probe is trained (``train.*``, ``aug.*``) is recorded in the
+    JSON and in ``eval_history.jsonl`` only."""
+    import re
+
+    from mimkit.config import parse_override
+
+    tags = []
+    if random_init is not None:
+        tags.append(f"init{random_init}")
+    elif which != default_which:
+        tags.append(which)
+    for item in sorted(overrides):
+        key, value = parse_override(item)
+        if not (key.startswith(("data.", "model.")) or key in NAMING_EVAL_KEYS) or key == "data.num_workers":
+            continue
+        text = f"{key.split('.')[-1]}{value if not isinstance(value, list) else '-'.join(map(str, value))}"
+        tags.append(re.sub(r"[^A-Za-z0-9_.+-]", "", text.replace("/", "_"))[:40])
+    return f"eval_{kind}" + "".join(f"-{t}" for t in tags) + ".json"
+
+
+def record_evaluation(out: Path, result: dict) -> Path:
+    """Write ``result`` to ``out`` and append it to ``eval_history.jsonl`` next to it (every evaluation, in order)."""
+    import json
+    import time
+
+    from mimkit.train.runlog import write_json
+
+    write_json(out, result)
+    history = out.parent / "eval_history.jsonl"
+    with history.open("a") as f:
+        f.write(json.dumps({"file": out.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}) + "\n")
+    return history
+
+
+def evaluation_settings(loaded, data, *, which: str, random_init: int | None, overrides=()) -> dict:
+    """What an evaluation result depends on, recorded in its JSON."""
+    d = loaded.config.data
+    return {
+        "checkpoint": str(loaded.path), "checkpoint_kind": loaded.kind, "checkpoint_epoch": loaded.epoch,
+        "method": loaded.method_name, "which": "init" if random_init is not None else which,
+        "random_init_seed": random_init, "data": d.name, "data_path": d.path, "max_train": d.max_train,
+        "max_test": d.max_test, "train_images": data.num_train, "overrides": list(overrides),
+    }

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder").add_subparsers(dest="eval_command", required=True)
     p = ev.add_parser("knn", parents=[_common(checkpoint=True, which=True)], help="weighted kNN on frozen features")
+    add_random_init(p)
     p.set_defaults(func=cmd_eval_knn)
 
     vis = sub.add_parser("visualize", help="pictures").add_subparsers(dest="vis_command", required=True)
@@ -95,19 +95,51 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_eval_knn(args) -> int:
-    from mimkit.api import load_for_eval, result_path
+    from mimkit.api import eval_result_name, evaluation_settings, record_evaluation, result_path
     from mimkit.eval.knn import evaluate_knn
+    from mimkit.eval.loading import open_checkpoint, random_init_encoder
 
-    loaded = load_for_eval(args.checkpoint, args.overrides, args.device, which=args.which)
-    cfg = loaded.cfg
-    res = evaluate_knn(loaded.encoder, loaded.data, device=loaded.device, k=cfg.eval.knn_k,
-                       temperature=cfg.eval.knn_t, pool=cfg.eval.pool, batch_size=cfg.eval.batch_size,
+    loaded = open_checkpoint(args.checkpoint, overrides=args.overrides, device=args.device)
+    cfg = loaded.config
+    seed = random_init_seed(args, cfg)
+    which = args.which or loaded.default_which
+    if seed is not None:
+        encoder = random_init_encoder(cfg, loaded.in_chans, seed).to(loaded.device)
+    else:
+        encoder = loaded.encoder(which)
+    data = loaded.datamodule()
+    name = eval_result_name("knn", which=which, default_which=loaded.default_which, random_init=seed,
+                            overrides=args.overrides)
+    out = result_path(args.checkpoint, args.output, name)
+    res = evaluate_knn(encoder, data, device=loaded.device, k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
+                       pool=cfg.eval.pool, batch_size=cfg.eval.batch_size,
                        show_progress=not args.no_progress and sys.stderr.isatty())
-    res.update(which=loaded.which, checkpoint=str(args.checkpoint), k=cfg.eval.knn_k, pool=cfg.eval.pool)
-    out = result_path(args.checkpoint, args.output, "eval_knn.json")
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"kNN top-1 ({loaded.which} encoder, k={cfg.eval.knn_k}): {res['knn_top1']:.4f}  -> {out}")
+    res.update(evaluation_settings(loaded, data, which=which, random_init=seed, overrides=args.overrides),
+               k=cfg.eval.knn_k, t=cfg.eval.knn_t, pool=cfg.eval.pool)
+    record_evaluation(out, res)
+    what = f"encoder at initialisation, seed {seed}" if seed is not None else f"{which} encoder"
+    print(f"kNN top-1 ({what}, k={cfg.eval.knn_k}, {cfg.eval.pool} pool): {res['knn_top1']:.4f}  -> {out}")
     return 0
+
+
+def random_init_seed(args, cfg) -> int | None:
+    """``--random-init [SEED]``: None when absent; the run's ``train.seed`` when given without a value."""
+    value = getattr(args, "random_init", None)
+    if value is None:
+        return None
+    if value == "run":
+        return int(cfg.train.seed)
+    try:
+        return int(value)
+    except ValueError:
+        raise MimkitError(f"--random-init takes an integer seed (or nothing: the run's train.seed), got {value!r}") from None
+
+
+def add_random_init(p) -> None:
+    p.add_argument("--random-init", nargs="?", const="run", default=None, metavar="SEED",
+                   help="evaluate the encoder at initialisation instead of the checkpoint's weights: the same config, "
+                        "freshly initialised with SEED (default: the run's train.seed, i.e. the weights it started "
+                        "from) - the baseline every pre-training result is read against")
 
 
 def cmd_visualize_reconstruction(args) -> int:
@@ -115,8 +147,9 @@ def cmd_visualize_reconstruction(args) -> int:
     from mimkit.viz import save_reconstruction_grid
 
     loaded = load_for_eval(args.checkpoint, args.overrides, args.device, which=args.which)
+    method = loaded.need_method("a reconstruction picture")
     images = loaded.data.sample_images(args.num_images)
-    png = save_reconstruction_grid(loaded.method, images, Path(args.out), loaded.data.mean, loaded.data.std,
+    png = save_reconstruction_grid(method, images, Path(args.out), loaded.data.mean, loaded.data.std,
                                    seed=args.seed, which=loaded.which)
     if png is None:
         raise MimkitError(f"method {loaded.method.name} does not predict pixels; no reconstruction to draw")

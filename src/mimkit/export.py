@@ -232,36 +232,61 @@ def data_normalisation(cfg, in_chans: int) -> tuple[tuple[float, ...], tuple[flo
     return tuple(dm.mean), tuple(dm.std)
 
 
+def export_timm_classifier(classifier: nn.Module, out_dir: str | Path, *, mean, std, crop_pct: float = 1.0,
+                           metadata: dict[str, str] | None = None) -> Path:
+    """A fine-tuned :class:`~mimkit.finetune.model.ViTClassifier` -> timm folder with its head: ``global_pool="avg",
+    fc_norm=True`` (timm then has no final ``norm``: patch-token mean, ``fc_norm``, ``head``, as ours) or ``"token"``
+    (final norm, cls token, head). ``timm.create_model("local-dir:DIR", pretrained=True)`` predicts the classes."""
+    encoder = classifier.encoder
+    avg = classifier.global_pool == "avg"
+    state = {k: v for k, v in encoder_state(encoder).items() if not (avg and k.startswith("norm."))}
+    state.update({f"fc_norm.{k}": v for k, v in classifier.fc_norm.state_dict().items()})
+    state.update({f"head.{k}": v for k, v in classifier.head.state_dict().items()})
+    cfg = timm_config(encoder.spec, mean=mean, std=std, pool="mean" if avg else "cls", crop_pct=crop_pct)
+    num_classes = classifier.num_classes
+    cfg["model_args"].update(fc_norm=avg, num_classes=num_classes)
+    cfg["num_classes"] = cfg["pretrained_cfg"]["num_classes"] = num_classes
+    return write_folder(out_dir, state, {"config.json": cfg}, metadata)
+
+
 def export_checkpoint(checkpoint: str | Path, fmt: str, out_dir: str | Path, *, which: str | None = None,
                       overrides=(), pool: str | None = None) -> tuple[Path, str, nn.Module]:
-    """Export a mimkit checkpoint; returns (folder, which network was exported, that network: the encoder,
-    or the whole MAE for ``hf``)."""
-    from mimkit.api import load_method
+    """Export a mimkit checkpoint (pre-training, imported or fine-tuned; read by
+    :func:`mimkit.eval.loading.open_checkpoint`); returns (folder, which network was exported, that network: the
+    encoder, the whole MAE for ``hf``, or the classifier for a fine-tuned checkpoint in ``timm``)."""
+    from mimkit.eval.loading import open_checkpoint
 
     if fmt not in FORMATS:
         raise MimkitError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")
-    cfg, method, _, _ = load_method(checkpoint, overrides, "cpu", need_data=False)
-    which = which or cfg.eval.which or method.default_which
-    encoder = method.encoder(which)
+    loaded = open_checkpoint(checkpoint, overrides=overrides, device="cpu")
+    cfg, method = loaded.config, loaded.method
+    which = which or loaded.default_which
+    encoder = loaded.encoder(which)
     mean, std = data_normalisation(cfg, encoder.spec.in_chans)
-    meta = {"mimkit_method": method.name, "mimkit_which": which, "mimkit_checkpoint": Path(checkpoint).name}
+    meta = {"mimkit_method": loaded.method_name, "mimkit_which": which, "mimkit_checkpoint": Path(checkpoint).name}
+    crop = 0.875 if cfg.data.name == "imagefolder" else 1.0
+    if fmt == "timm" and loaded.classifier is not None:
+        if pool is not None and pool != cfg.eval.pool:
+            raise MimkitError(f"--pool {pool}: the fine-tuned classifier in {checkpoint} pools with "
+                              f"{cfg.eval.pool} (its head.global_pool); leave --pool out")
+        path = export_timm_classifier(loaded.classifier, out_dir, mean=mean, std=std, crop_pct=crop, metadata=meta)
+        return path, "classifier", loaded.classifier
     if fmt == "timm":
-        crop = 0.875 if cfg.data.name == "imagefolder" else 1.0
         path = export_timm(encoder, out_dir, mean=mean, std=std, pool=pool or cfg.eval.pool, crop_pct=crop,
                            metadata=meta)
         return path, which, encoder
     if fmt == "hf-vit":
         return export_hf_vit(encoder, out_dir, mean=mean, std=std, metadata=meta), which, encoder
-    if not hasattr(method, "norm_pix_loss"):
+    if method is None or not hasattr(method, "norm_pix_loss"):
+        name = "a fine-tuned classifier" if method is None else f"method {method.name}"
         raise MimkitError(
-            f"--format hf writes a ViTMAEForPreTraining (pixel decoder); method {method.name} has none. "
+            f"--format hf writes a ViTMAEForPreTraining (pixel decoder); {name} has none. "
             "Accepted here: --format hf-vit or --format timm"
         )
     mae = method.student if which == "student" else method.teacher_model()
     path = export_hf_mae(mae, out_dir, norm_pix_loss=method.norm_pix_loss, mask_ratio=method.mask_ratio,
                          mean=mean, std=std, metadata=meta)
     return path, which, mae
-
 
 
 @torch.no_grad()
@@ -272,7 +297,7 @@ def check_export(folder: str | Path, fmt: str, source: nn.Module, *, samples: in
     from mimkit.masking import mask_from_noise
 
     folder = Path(folder).resolve()
-    spec = source.encoder.spec if fmt == "hf" else source.spec
+    spec = source.encoder.spec if fmt == "hf" or hasattr(source, "head") else source.spec
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, spec.in_chans, spec.img_size, spec.img_size, generator=g)
     source = source.eval().cpu()
@@ -280,6 +305,8 @@ def check_export(folder: str | Path, fmt: str, source: nn.Module, *, samples: in
         import timm
 
         model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        if hasattr(source, "head"):  # a fine-tuned classifier: compare the logits
+            return (model(x) - source(x)).abs().max().item()
         return (model.forward_features(x) - source.forward_features(x)).abs().max().item()
     try:
         import transformers

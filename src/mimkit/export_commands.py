@@ -74,7 +74,9 @@ def cmd_export(args) -> int:
 
     path, which, module = export_checkpoint(args.checkpoint, args.format, args.out, which=args.which,
                                             overrides=args.overrides, pool=args.pool)
-    what = "MAE (encoder + decoder)" if args.format == "hf" else "encoder"
+    what = {"hf": "MAE (encoder + decoder)", "timm": "encoder"}.get(args.format, "encoder")
+    if which == "classifier":
+        which, what = "fine-tuned", "classifier (encoder + head)"
     print(f"exported the {which} {what} as {args.format}: {path}")
     if args.check:
         diff = check_export(path, args.format, module)
@@ -163,7 +165,7 @@ def cmd_visualize_attention(args) -> int:
     _check_count(args.num_images)
     loaded = load_for_eval(args.checkpoint, args.overrides, args.device, which=args.which)
     if args.both:
-        encoders = {w: loaded.method.encoder(w) for w in ("student", "teacher")}
+        encoders = {w: loaded.checkpoint.encoder(w) for w in ("student", "teacher")}
     else:
         encoders = {loaded.which: loaded.encoder}
     images = loaded.data.sample_images(args.num_images)
@@ -179,8 +181,9 @@ def cmd_visualize_reconstruction_compare(args) -> int:
 
     _check_count(args.num_images)
     loaded = load_for_eval(args.checkpoint, args.overrides, args.device)
+    method = loaded.need_method("a student/teacher reconstruction picture")
     images = loaded.data.sample_images(args.num_images)
-    png = save_teacher_student_reconstructions(loaded.method, images, args.out, loaded.data.mean, loaded.data.std,
+    png = save_teacher_student_reconstructions(method, images, args.out, loaded.data.mean, loaded.data.std,
                                                seed=args.seed)
     print(f"student and teacher reconstructions: {png}")
     return 0

@@ -18,7 +18,7 @@ def register(groups, common) -> None:
 
     p = top.add_parser(
         "finetune", parents=[common(which=True)],
-        help="end-to-end fine-tuning of a pre-trained encoder (rc-mae.txt Table 10), or from scratch",
+        help="end-to-end fine-tuning of a pre-trained encoder (RC-MAE paper, Table 10), or from scratch",
         description="Fine-tune the encoder of a pre-training checkpoint (its data and encoder shape come along) "
                     "with a finetune-* preset (--config) and --set overrides; --from-scratch trains the same "
                     "classifier from a random init (the baseline that shows what pre-training bought).",
@@ -31,8 +31,11 @@ def register(groups, common) -> None:
 
     p = ev.add_parser(
         "linprobe", parents=[common(checkpoint=True, which=True)],
-        help="linear probe of the frozen encoder (rc-mae.txt Table 11); aug.augment=false caches features",
+        help="linear probe of the frozen encoder (RC-MAE paper, Table 11); aug.augment=false caches features",
     )
+    from mimkit.cli import add_random_init
+
+    add_random_init(p)
     p.set_defaults(func=cmd_eval_linprobe)
 
     p = ev.add_parser(
@@ -97,32 +100,38 @@ def cmd_finetune(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ linprobe
 def cmd_eval_linprobe(args) -> int:
-    from mimkit.api import result_path
+    from mimkit.api import eval_result_name, evaluation_settings, record_evaluation, result_path
+    from mimkit.cli import random_init_seed
     from mimkit.eval import settings
     from mimkit.eval.linprobe import build_linprobe_config, run_linprobe
-    from mimkit.eval.loading import (check_data_channels, check_labelled, load_pretrained_encoder,
-                                     read_pretraining_checkpoint)
+    from mimkit.eval.loading import check_data_channels, check_labelled, open_checkpoint, random_init_encoder
     from mimkit.runtime import datamodule_from_config, resolve_device
-    from mimkit.train.runlog import write_json
 
-    ckpt = read_pretraining_checkpoint(args.checkpoint)
-    cfg = build_linprobe_config(args.config, list(args.overrides) + _extra_overrides(args), ckpt["config"])
-    out = result_path(args.checkpoint, args.output, "eval_linprobe.json")
-    pre = load_pretrained_encoder(args.checkpoint, cfg.eval.which, ckpt)
-    settings.check_same_encoder(cfg.model, pre.config["model"], pre.in_chans, args.checkpoint)
+    loaded = open_checkpoint(args.checkpoint)  # --set items are the probe's settings (train.epochs = probe epochs)
+    overrides = list(args.overrides) + _extra_overrides(args)
+    cfg = build_linprobe_config(args.config, overrides, loaded.config.to_dict())
+    seed = random_init_seed(args, loaded.config)
+    which = cfg.eval.which or loaded.default_which
+    name = eval_result_name("linprobe", which=which, default_which=loaded.default_which, random_init=seed,
+                            overrides=[o for o in overrides if not o.startswith("eval.which=")])
+    out = result_path(args.checkpoint, args.output, name)
+    encoder = random_init_encoder(loaded.config, loaded.in_chans, seed) if seed is not None else loaded.encoder(which)
+    settings.check_same_encoder(cfg.model, loaded.config.to_dict()["model"], loaded.in_chans, args.checkpoint)
     data = datamodule_from_config(cfg)
     check_labelled(data, "linear probing")
-    check_data_channels(pre.in_chans, data, args.checkpoint)
+    check_data_channels(loaded.in_chans, data, args.checkpoint)
     device = resolve_device(cfg.train.device)
     tr = cfg.train
-    print(f"linear probe: {pre.which} encoder of {args.checkpoint} ({pre.method}), {cfg.eval.pool} features, "
+    what = f"encoder at initialisation (seed {seed})" if seed is not None else f"{which} encoder"
+    print(f"linear probe: {what} of {args.checkpoint} ({loaded.method_name}), {cfg.eval.pool} features, "
           f"{data.num_train} train / test split of {data.name}, {tr.epochs} epochs, batch {tr.batch_size}, "
           f"{'augmented (RandomResizedCrop + flip)' if cfg.aug.augment else 'cached features (aug.augment=false)'}",
           flush=True)
-    res = run_linprobe(pre.encoder.to(device), data, cfg, device=device, show_progress=_show(args))
-    res.update(which=pre.which, method=pre.method, checkpoint=str(args.checkpoint))
-    write_json(out, res)
-    print(f"linear probe top-1 ({pre.which} encoder): {res['linprobe_top1']:.4f}  top-5 {res['linprobe_top5']:.4f} "
+    res = run_linprobe(encoder.to(device), data, cfg, device=device, show_progress=_show(args))
+    res.update(evaluation_settings(loaded, data, which=which, random_init=seed, overrides=overrides),
+               pool=cfg.eval.pool)
+    record_evaluation(out, res)
+    print(f"linear probe top-1 ({what}): {res['linprobe_top1']:.4f}  top-5 {res['linprobe_top5']:.4f} "
           f"(lr {res['lr']:.3g}, blr {res['blr']:.3g}{' auto' if res['blr_auto'] else ''}; {res['wall_time_s']:.0f}s)"
           f"  -> {out}")
     return 0
@@ -136,11 +145,26 @@ def _parse_list(text: str, what: str) -> list[str]:
     return items
 
 
+def load_classifier_checkpoint(checkpoint, overrides=(), device: str | None = None):
+    """A fine-tuned classifier through the one checkpoint reader -> (fine-tuning cfg, model in eval mode, data,
+    device); the data must be the one it was fine-tuned on (labels, channels, class count)."""
+    from mimkit.eval.loading import check_labelled, open_checkpoint
+
+    loaded = open_checkpoint(checkpoint, overrides=overrides, device=device)
+    cfg = loaded.finetune_config()
+    data = loaded.datamodule()
+    check_labelled(data, "robustness evaluation")
+    num_classes = loaded.classifier.num_classes
+    if num_classes != len(data.classes):
+        raise MimkitError(f"the classifier in {checkpoint} has {num_classes} classes but {data.name} has "
+                          f"{len(data.classes)}; point data.* at the data set it was fine-tuned on")
+    return cfg, loaded.classifier, data, loaded.device
+
+
 def cmd_eval_robustness(args) -> int:
     from mimkit.api import result_path
     from mimkit.eval.corruptions import CORRUPTIONS, check_names
     from mimkit.eval.robustness import compare_with_baseline, evaluate_robustness, read_baseline
-    from mimkit.finetune import load_classifier
     from mimkit.train.runlog import write_json
 
     if args.config:
@@ -156,7 +180,7 @@ def cmd_eval_robustness(args) -> int:
         raise MimkitError(f"--severities must be integers 1..5 separated by commas, got {args.severities!r}") from None
     baseline = read_baseline(args.baseline) if args.baseline else None
     out = result_path(args.checkpoint, args.output, "eval_robustness.json")
-    cfg, model, data, device = load_classifier(args.checkpoint, args.overrides, args.device)
+    cfg, model, data, device = load_classifier_checkpoint(args.checkpoint, args.overrides, args.device)
     res = evaluate_robustness(model, data, device=device, corruptions=names, severities=severities, seed=args.seed,
                               max_images=args.max_images, batch_size=cfg.eval.batch_size, show_progress=_show(args))
     if baseline is not None:

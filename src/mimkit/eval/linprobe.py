@@ -70,7 +70,7 @@ class LinprobeAugConfig:
 @dataclass
 class LinprobeEvalConfig:
     batch_size: int = 256              # feature extraction / test batches
-    pool: str = "cls"                  # cls (MAE's probe) | mean of the patch tokens
+    pool: str = "cls"                  # cls (MAE's probe) | mean of the patch tokens; default: the checkpoint's eval.pool
     which: str | None = None           # student | teacher (None = the method's own)
 
 
@@ -93,8 +93,9 @@ CHOICES = {
 
 def build_linprobe_config(source: str | None = None, overrides=(),
                           checkpoint_config: dict | None = None) -> LinprobeConfig:
-    """defaults (Table 11, batch 256) < the checkpoint's data/model < preset/file < ``--set``."""
-    cfg = settings.resolve(LinprobeConfig, "linprobe", source, overrides, checkpoint_config)
+    """defaults (Table 11, batch 256) < the checkpoint's data/model and ``eval.pool`` < preset/file < ``--set``."""
+    cfg = settings.resolve(LinprobeConfig, "linprobe", source, overrides, checkpoint_config,
+                           also_from_checkpoint=("eval.pool",))
     settings.check_choices(cfg, CHOICES)
     settings.check_positive(cfg, "train.epochs", "train.batch_size", "eval.batch_size")
     t, a = cfg.train, cfg.aug

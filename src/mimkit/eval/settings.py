@@ -52,7 +52,7 @@ def to_dict(cfg) -> dict[str, Any]:
 
 
 def resolve(cfg_cls, kind: str, source: str | None, overrides=(), checkpoint_config: dict | None = None,
-            keep_from_defaults: tuple[str, ...] = ()):
+            keep_from_defaults: tuple[str, ...] = (), also_from_checkpoint: tuple[str, ...] = ()):
     """Build a ``cfg_cls`` instance: defaults < checkpoint data/model < preset/file < ``--set``.
 
     Args:
@@ -63,6 +63,8 @@ def resolve(cfg_cls, kind: str, source: str | None, overrides=(), checkpoint_con
         checkpoint_config: the pre-training config dict saved in a checkpoint, if any.
         keep_from_defaults: dotted keys the checkpoint must not set (e.g. ``model.drop_path``, which is a
             fine-tuning setting, not the pre-training one).
+        also_from_checkpoint: dotted keys outside data/model taken from the checkpoint too (``eval.pool``: every
+            frozen evaluation pools as the run did unless told otherwise).
     """
     cfg = cfg_cls()
     if checkpoint_config is not None:
@@ -70,6 +72,11 @@ def resolve(cfg_cls, kind: str, source: str | None, overrides=(), checkpoint_con
             for key, value in (checkpoint_config.get(sec) or {}).items():
                 if f"{sec}.{key}" not in keep_from_defaults:
                     set_key(cfg, f"{sec}.{key}", value)
+        for dotted in also_from_checkpoint:
+            sec, key = dotted.split(".")
+            value = (checkpoint_config.get(sec) or {}).get(key)
+            if value is not None:
+                set_key(cfg, dotted, value)
     if source is not None:
         apply_mapping(cfg, load_source(source), f"preset {source}" if "." not in source else source, kind)
     for item in overrides:
