@@ -17,7 +17,8 @@ from mimkit.errors import MimkitError
 
 #: modules that add their own subcommands: each has ``register(groups, common)`` where ``groups`` maps
 #: "top", "eval", "visualize", "analyze" to argparse sub-parser collections and ``common`` is :func:`_common`.
-COMMAND_MODULES: list[str] = ["mimkit.bench", "mimkit.export_commands", "mimkit.analysis.commands", "mimkit.eval.commands"]
+COMMAND_MODULES: list[str] = ["mimkit.bench", "mimkit.export_commands", "mimkit.analysis.commands", "mimkit.eval.commands",
+                             "mimkit.data_commands"]
 
 
 def _common(*, checkpoint: bool = False, which: bool = False, output: bool = True) -> argparse.ArgumentParser:
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("config", help="list every configuration key (type, default, meaning); docs/CONFIG.md",
+                       description="Every key of pre-training, linear probe and fine-tuning, read from the typed "
+                                   "config: mimkit config --list (the default) or --markdown (docs/CONFIG.md).")
+    p.add_argument("--list", action="store_true", help="keys, defaults and meanings as plain text (default)")
+    p.add_argument("--markdown", action="store_true", help="the same as a Markdown page (docs/CONFIG.md)")
+    p.set_defaults(func=cmd_config)
 
     groups = {"top": sub, "eval": ev, "visualize": vis, "analyze": ana}
     for module in COMMAND_MODULES:
@@ -164,6 +172,13 @@ def cmd_presets(args) -> int:
         print(f"{kind} presets (mimkit {kind} --config NAME):")
         for name in preset_names(kind):
             print(f"  {name:24s} {preset_description(name)}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from mimkit.config_reference import markdown, plain_list
+
+    print(markdown() if args.markdown else plain_list(), end="")
     return 0
 
 

@@ -31,63 +31,63 @@ class DataConfig:
     crop_min_scale: float = 0.2        # RandomResizedCrop area range (crop_min_scale, 1), MAE recipe 0.2
     hflip: bool = True                 # random horizontal flips
     max_train: int | None = None       # keep a fixed random subset of the training images
-    max_test: int | None = None        # ... and of the held-out images
-    mean: list[float] | None = None    # per-channel normalisation (default: the source's own)
-    std: list[float] | None = None
+    max_test: int | None = None        # keep a fixed random subset of the held-out images
+    mean: list[float] | None = None    # per-channel normalisation mean in [0, 1] units (default: the source's own)
+    std: list[float] | None = None     # per-channel normalisation std (default: the source's own)
 
 
 @dataclass
 class ModelConfig:
     name: str = "vit_tiny"             # vit_tiny | vit_small | vit_base | vit_large | vit_huge
-    patch_size: int = 16
-    img_size: int = 224
+    patch_size: int = 16               # patch side in pixels (model.img_size must be a multiple of it)
+    img_size: int = 224                # side of the square images the encoder takes
     embed_dim: int | None = None       # overrides of the named size
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    decoder_dim: int | None = None
-    decoder_depth: int | None = None
-    decoder_heads: int | None = None
+    depth: int | None = None           # transformer blocks (overrides the named size)
+    num_heads: int | None = None       # attention heads (overrides the named size)
+    mlp_ratio: float = 4.0             # MLP hidden width / embed_dim
+    drop_path: float = 0.0             # stochastic depth rate of the student's encoder
+    decoder_dim: int | None = None     # MAE decoder width (default: per model size)
+    decoder_depth: int | None = None   # MAE decoder blocks (default: per model size)
+    decoder_heads: int | None = None   # MAE decoder attention heads (default: per model size)
 
 
 @dataclass
 class MethodConfig:
     name: str = "mae"                  # mae | rc-mae | sdae
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75           # fraction of the patches hidden from the student
+    norm_pix_loss: bool = True         # per-patch normalised pixel targets (the MAE recipe)
     # EMA teacher (rc-mae, sdae). None = the method's published default.
-    momentum: float | None = None
-    momentum_final: float | None = None
+    momentum: float | None = None      # EMA teacher momentum (rc-mae, sdae; null = the method's published default)
+    momentum_final: float | None = None  # final momentum of a cosine schedule (null = the method's default)
     momentum_schedule: str | None = None   # constant | cosine
     ema_unit: str | None = None            # step | epoch
     ema_every_steps: int | None = None     # EMA update every K optimiser steps (implies ema_unit=step)
     # rc-mae
     mask_mode: str = "same"            # same (RC-MAE-S) | different (RC-MAE-D)
-    gamma: float = 1.0
+    gamma: float = 1.0                 # weight of RC-MAE's consistency loss L_c (Eq. 6)
     grad_align_every: int = 0          # 0 = off; K = log cos(grad L_r, grad L_c) every K steps
     # sdae
     teacher_input: str = "multifold"   # full | masked | crop | multifold
-    folds: int = 3
-    crop_ratio: float = 0.33
+    folds: int = 3                     # SdAE: folds of masked tokens the teacher encodes (multifold)
+    crop_ratio: float = 0.33           # SdAE teacher_input=crop: share of the masked patches the teacher sees
     cosine_dim: str = "token"          # token (Eq. 4) | reference (the official code's dim=1)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
+    epochs: int = 100                  # training epochs
     batch_size: int = 64               # per process, per micro-step
-    accum_steps: int = 1
+    accum_steps: int = 1               # micro-batches accumulated into one optimiser step
     blr: float = 1.5e-4                # lr = blr * effective_batch / 256
     lr: float | None = None            # absolute lr; overrides blr when set
-    min_lr: float = 0.0
-    warmup_epochs: float = 10
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    clip_grad: float | None = None
+    min_lr: float = 0.0                # learning rate at the end of the half-cosine schedule
+    warmup_epochs: float = 10          # linear warm-up length in epochs (fractions allowed)
+    weight_decay: float = 0.05         # AdamW weight decay (none on biases, norms and tokens)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    clip_grad: float | None = None     # clip the gradient norm to this value (null = no clipping)
     init_from: str | None = None       # a mimkit checkpoint (e.g. from `mimkit import`) to start the student from
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = 0                      # seed of the initialisation, data order, crops and masks
+    deterministic: bool = False        # deterministic algorithms (bit-exact replays; slower on CUDA)
     ckpt_every: int = 20               # epochs between kept checkpoints (last.pt is written every epoch)
     precision: str = "auto"            # auto | fp32 | bf16 | fp16 (autocast on CUDA only)
     log_every: int = 10                # optimiser steps between metrics.jsonl lines
@@ -98,12 +98,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    knn_k: int = 20
-    knn_t: float = 0.07
+    knn_k: int = 20                    # kNN: neighbours that vote
+    knn_t: float = 0.07                # kNN: temperature T of the exp(similarity / T) vote weights
     pool: str = "cls"                  # cls | mean
     knn_every: int = 0                 # epochs between kNN evaluations during training (0 = end only)
     knn_init: bool = False             # also measure the encoder at initialisation
-    batch_size: int = 256
+    batch_size: int = 256              # batch size of feature extraction
     which: str | None = None           # student | teacher (None = the method's default)
 
 

@@ -47,24 +47,24 @@ from mimkit.train.optim import effective_lr, lr_at, set_lr
 # ------------------------------------------------------------------------------------------------ settings
 @dataclass
 class LinprobeTrainConfig:
-    epochs: int = 90
-    batch_size: int = 256
+    epochs: int = 90                   # probe training epochs (Table 11: 90)
+    batch_size: int = 256              # probe batch size
     blr: float | None = None           # lr = blr * batch_size / 256; None: auto_blr(train images), 0.1 on ImageNet
     lr: float | None = None            # absolute lr; overrides blr when set
-    min_lr: float = 0.0
-    warmup_epochs: float = 10
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    seed: int = 0
-    device: str = "auto"
+    min_lr: float = 0.0                # learning rate at the end of the half-cosine schedule
+    warmup_epochs: float = 10          # linear warm-up length in epochs
+    weight_decay: float = 0.0          # LARS weight decay (Table 11: 0)
+    momentum: float = 0.9              # LARS momentum
+    seed: int = 0                      # seed of the head's initialisation and the batch order
+    device: str = "auto"               # auto | cpu | cuda
 
 
 @dataclass
 class LinprobeAugConfig:
     augment: bool = False              # true: RandomResizedCrop + flip every epoch (the paper); false: cached features
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    hflip: float = 0.5
-    interpolation: str = "bicubic"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range (aug.augment=true)
+    hflip: float = 0.5                 # horizontal flip probability (aug.augment=true)
+    interpolation: str = "bicubic"     # resize interpolation (aug.augment=true)
 
 
 @dataclass
@@ -216,11 +216,13 @@ def _threads(n: int):
 
 def run_linprobe(encoder: nn.Module, data, cfg: LinprobeConfig, *, device: torch.device, show_progress: bool = False,
                  log: Callable[[str], None] | None = None,
-                 features: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> dict[str, Any]:
+                 features: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, return_probe: bool = False):
     """Linear-probe ``encoder`` (frozen) on a labelled DataModule; returns the result record.
 
     ``features``: already extracted ``(train_feats, train_labels, test_feats, test_labels)`` of this encoder with
     ``cfg.eval.pool`` (e.g. shared with a kNN evaluation); the cached-feature path then skips the extraction.
+    ``return_probe``: return ``(record, trained LinearProbe)`` (e.g. to score the frozen classifier under
+    corruptions) instead of the record alone.
     """
     t0 = time.time()
     if features is not None and cfg.aug.augment:
@@ -290,7 +292,7 @@ def run_linprobe(encoder: nn.Module, data, cfg: LinprobeConfig, *, device: torch
         history = train_probe(probe, epoch_batches, schedule, tr.weight_decay, tr.momentum, evaluate, 1,
                               show_progress, log)
     final = history[-1]
-    return {
+    record = {
         "linprobe_top1": final["test_top1"], "linprobe_top5": final["test_top5"],
         "best_top1": max(h["test_top1"] for h in history if "test_top1" in h),
         "epochs": tr.epochs, "batch_size": tr.batch_size, "blr": blr, "blr_auto": tr.blr is None, "lr": peak_lr,
@@ -299,4 +301,17 @@ def run_linprobe(encoder: nn.Module, data, cfg: LinprobeConfig, *, device: torch
         "history": history, "wall_time_s": time.time() - t0,
         "feature_time_s": t_feats if not cfg.aug.augment else None,
     }
+    return (record, probe) if return_probe else record
+
+
+class ProbedEncoder(nn.Module):
+    """A frozen encoder, its pooling and a trained :class:`LinearProbe` as one image classifier (logits)."""
+
+    def __init__(self, encoder: nn.Module, probe: LinearProbe, pool: str):
+        super().__init__()
+        self.encoder, self.probe, self.pool = encoder, probe, pool
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.probe(pool_features(self.encoder.forward_features(images), self.pool).float())
 

@@ -17,38 +17,38 @@ from mimkit.eval import settings
 
 @dataclass
 class FinetuneTrainConfig:
-    epochs: int = 100
+    epochs: int = 100                  # fine-tuning epochs
     batch_size: int = 64               # per optimiser micro-step; effective = batch_size x accum_steps
-    accum_steps: int = 1
+    accum_steps: int = 1               # micro-batches accumulated into one optimiser step
     blr: float = 5e-4                  # lr = blr * effective_batch / 256
     lr: float | None = None            # absolute lr; overrides blr when set
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    min_lr: float = 1e-6               # learning rate at the end of the half-cosine schedule
+    warmup_epochs: float = 5           # linear warm-up length in epochs
+    weight_decay: float = 0.05         # AdamW weight decay (none on biases, norms, cls/position embeddings)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     layer_decay: float = 0.65          # lr scale decay^(L+1-layer): 0.75 (ViT-S), 0.65 (ViT-B/L)
-    clip_grad: float | None = None
-    seed: int = 0
-    deterministic: bool = False
+    clip_grad: float | None = None     # clip the gradient norm to this value (null = no clipping)
+    seed: int = 0                      # seed of the head, data order, augmentation, mixup and drop path
+    deterministic: bool = False        # deterministic algorithms (bit-exact replays; slower on CUDA)
     precision: str = "auto"            # auto | fp32 | bf16 | fp16 (autocast on CUDA only)
     log_every: int = 10                # optimiser steps between metrics.jsonl lines
     ckpt_every: int = 0                # epochs between kept epoch_XXXX.pt (0: only last.pt and best.pt)
-    device: str = "auto"
+    device: str = "auto"               # auto | cpu | cuda
 
 
 @dataclass
 class AugConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])   # RandomResizedCrop area range
-    hflip: float = 0.5
+    hflip: float = 0.5                 # horizontal flip probability
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"   # timm RandAugment string: RandAug(9, 0.5); null = off
-    interpolation: str = "bicubic"
+    interpolation: str = "bicubic"     # resize interpolation
     reprob: float = 0.25               # random erasing probability
     remode: str = "pixel"              # const | rand | pixel
     mixup: float = 0.8                 # mixup alpha (0 = off)
     cutmix: float = 1.0                # cutmix alpha (0 = off)
     mixup_prob: float = 1.0            # probability of mixing a batch at all
     mixup_switch_prob: float = 0.5     # probability of cutmix instead of mixup when both are on
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1       # label smoothing of the targets
 
 
 @dataclass
@@ -59,7 +59,7 @@ class HeadConfig:
 
 @dataclass
 class FinetuneEvalConfig:
-    batch_size: int = 256
+    batch_size: int = 256              # batch size of the test-split evaluation
     which: str | None = None           # student | teacher encoder of the checkpoint (None = the method's own)
 
 
