@@ -299,22 +299,33 @@ class _FolderDataset(Dataset):
         path = self.files[index]
         label = -1 if self.labels is None else self.labels[index]
         try:
-            with Image.open(path) as im:
+            with self.open_image(index) as im:
                 img = im.convert(self.mode)
         except Exception as e:  # PIL raises many types for bad files
             return None, label, path, describe_failure(e)
-        s = self.img_size
-        if epoch_key is None:
-            img = TF.center_crop(TF.resize(img, int(s / EVAL_CROP_FRACTION), InterpolationMode.BICUBIC), [s, s])
-        else:
-            g = torch.Generator().manual_seed(mix_seed(epoch_key, index))
-            top, left, h, w = sample_crop_boxes(1, img.height, img.width, scale=self.crop_scale, generator=g)[
-                0
-            ].tolist()
-            img = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC)
-            if torch.rand(1, generator=g).item() < self.hflip_p:
-                img = TF.hflip(img)
-        return TF.pil_to_tensor(img), label, path, ""
+        g = None if epoch_key is None else torch.Generator().manual_seed(mix_seed(epoch_key, index))
+        return transform_image(img, self.img_size, g, self.crop_scale, self.hflip_p), label, path, ""
+
+    def open_image(self, index: int) -> Image.Image:
+        """The PIL image of item ``index`` (subclasses read other stores than files, e.g. ``data/hf.py``)."""
+        return Image.open(self.files[index])
+
+
+def transform_image(img: Image.Image, size: int, generator: torch.Generator | None, crop_scale: Sequence[float],
+                    hflip_p: float) -> Tensor:
+    """uint8 ``(C, size, size)`` of a decoded PIL image: evaluation (``generator`` None: resize to
+    ``size / 0.875`` + centre crop) or training (random resized crop + flip drawn from ``generator``)."""
+    s = size
+    if generator is None:
+        img = TF.center_crop(TF.resize(img, int(s / EVAL_CROP_FRACTION), InterpolationMode.BICUBIC), [s, s])
+    else:
+        top, left, h, w = sample_crop_boxes(1, img.height, img.width, scale=crop_scale, generator=generator)[
+            0
+        ].tolist()
+        img = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC)
+        if torch.rand(1, generator=generator).item() < hflip_p:
+            img = TF.hflip(img)
+    return TF.pil_to_tensor(img)
 
 
 def _collate(samples: list[tuple[Tensor | None, int, str, str]]) -> tuple[Tensor | None, Tensor, list[tuple[str, str]]]:
@@ -340,6 +351,8 @@ class _ItemSampler(Sampler):
 
 class FolderDataModule(DataModule):
     """Batches decoded from an image-folder tree by a torch DataLoader (any image sizes)."""
+
+    dataset_class: type[_FolderDataset] = _FolderDataset  # what decodes one item (data/hf.py reads Arrow rows)
 
     def __init__(
         self,
@@ -377,7 +390,7 @@ class FolderDataModule(DataModule):
         self.num_workers = num_workers
         self.log = log if log is not None else _no_log
         self._datasets = {
-            split: _FolderDataset(files, mode, img_size, crop_scale, hflip_p)
+            split: self.dataset_class(files, mode, img_size, crop_scale, hflip_p)
             for split, files in (("train", listing.train), ("test", listing.test))
             if files is not None
         }
@@ -510,6 +523,8 @@ def build_datamodule(
     max_train: int | None = None,
     max_test: int | None = None,
     subset_seed: int = 0,
+    image_key: str | None = None,
+    label_key: str | None = None,
 ) -> DataModule:
     """Build the batch provider for a data source.
 
@@ -529,9 +544,23 @@ def build_datamodule(
         log: optional callable receiving one-line info messages.
         crop_scale, hflip_p: training augmentation (area range of the random crop, flip probability).
         max_train, max_test: keep a fixed random subset (``subset_seed``) of at most this many images.
+        image_key, label_key: columns (``hf``) or tar members (``webdataset``) of the image and the label.
     """
     log = log if log is not None else _no_log
     source = canonical_source_name(name)
+    if source in ("hf", "webdataset"):  # streamed / Arrow-backed sources live in their own modules
+        if source == "hf":
+            from mimkit.data.hf import build_hf_datamodule as build
+        else:
+            from mimkit.data.webdataset import build_webdataset_datamodule as build
+        dm = build(
+            path, img_size or DEFAULT_FOLDER_IMG_SIZE, cache_dir=cache_dir, strict=strict, in_memory=in_memory,
+            num_workers=num_workers, mean=mean, std=std, channels=channels or 3, log=log, crop_scale=crop_scale,
+            hflip_p=hflip_p, max_train=max_train, max_test=max_test, subset_seed=subset_seed,
+            image_key=image_key, label_key=label_key,
+        )  # fmt: skip
+        log(f"data {dm.describe()}")
+        return dm
     if in_memory not in ("auto", True, False):
         raise MimkitError(f"in_memory must be 'auto', true or false, got {in_memory!r}")
     if img_size is not None:

@@ -32,7 +32,7 @@ from mimkit.errors import MimkitError
 
 LogFn = Callable[[str], None]
 
-SOURCE_NAMES = ("demo", "fashion-mnist", "cifar10", "imagefolder")
+SOURCE_NAMES = ("demo", "fashion-mnist", "cifar10", "imagefolder", "hf", "webdataset")  # last two: data/hf.py, data/webdataset.py
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 HELD_OUT_SPLIT_NAMES = ("val", "test")  # looked for in this order next to train/
 

@@ -1,0 +1,64 @@
+"""Small real data sets made from the shared CIFAR-10 test images (tests of data.name=hf / webdataset).
+
+Built once per test session into a temporary folder; tests skip when ../shared/data is absent.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+CIFAR_TAR = "cifar10/cifar10-jpeg.tar.gz"
+
+
+def cifar_test_jpegs(shared: Path, per_class: int) -> list[tuple[str, str, bytes]]:
+    """The first ``per_class`` JPEGs of each class of CIFAR-10's test split: (class, member name, bytes),
+    sorted by (class, name)."""
+    src = shared / CIFAR_TAR
+    if not src.is_file():
+        pytest.skip(f"shared CIFAR-10 archive {src} not present")
+    found: dict[str, list[tuple[str, bytes]]] = {}
+    with tarfile.open(src) as tf:
+        for m in tf:
+            parts = m.name.split("/")
+            if not m.isfile() or len(parts) < 3 or parts[-3] != "test":
+                continue
+            items = found.setdefault(parts[-2], [])
+            if len(items) < per_class:
+                items.append((m.name, tf.extractfile(m).read()))  # type: ignore[union-attr]
+            if len(found) == 10 and all(len(v) >= per_class for v in found.values()):
+                break
+    return [(c, n, b) for c in sorted(found) for n, b in sorted(found[c])]
+
+
+def write_hf_folder(out: Path, items: list[tuple[str, str, bytes]], n_test_per_class: int) -> Path:
+    """A ``DatasetDict`` (train / test, ``image`` + ClassLabel ``label``) saved with ``save_to_disk``."""
+    datasets = pytest.importorskip("datasets")
+    classes = sorted({c for c, _, _ in items})
+    split: dict[str, dict[str, list]] = {"train": {"image": [], "label": []}, "test": {"image": [], "label": []}}
+    seen: dict[str, int] = {}
+    for c, _, data in items:
+        seen[c] = seen.get(c, 0) + 1
+        part = split["test" if seen[c] <= n_test_per_class else "train"]
+        part["image"].append({"bytes": data, "path": None})
+        part["label"].append(classes.index(c))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features) for k, v in split.items()})
+    dd.save_to_disk(str(out))
+    return out
+
+
+def write_shards(folder: Path, items: list[tuple[str, str, bytes]], shards: int) -> list[Path]:
+    """``shard-000000.tar`` ... with members ``KEY.jpg`` + ``KEY.cls`` (items dealt round-robin)."""
+    wds = pytest.importorskip("webdataset")
+    classes = sorted({c for c, _, _ in items})
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"shard-{i:06d}.tar" for i in range(shards)]
+    writers = [wds.TarWriter(str(p)) for p in paths]
+    for k, (c, name, data) in enumerate(items):
+        writers[k % shards].write({"__key__": f"{k:06d}", "jpg": data, "cls": str(classes.index(c)).encode()})
+    for w in writers:
+        w.close()
+    return paths
