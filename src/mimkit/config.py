@@ -21,7 +21,7 @@ from mimkit.errors import MimkitError
 
 @dataclass
 class DataConfig:
-    name: str = "demo"                 # demo | fashion-mnist | cifar10 | imagefolder | hf | webdataset
+    name: str = "demo"                 # demo | fashion-mnist | cifar10 | imagefolder
     path: str | None = None            # folder / archive for every source but demo
     cache_dir: str | None = None       # decoded-array cache (default $MIMKIT_CACHE or ~/.cache/mimkit)
     strict: bool = False               # fail on an unreadable image instead of skipping it
@@ -34,8 +34,6 @@ class DataConfig:
     max_test: int | None = None        # keep a fixed random subset of the held-out images
     mean: list[float] | None = None    # per-channel normalisation mean in [0, 1] units (default: the source's own)
     std: list[float] | None = None     # per-channel normalisation std (default: the source's own)
-    image_key: str | None = None       # hf column / webdataset member(s) of the image (default: detected)
-    label_key: str | None = None       # hf column / webdataset member of the label (default: detected)
 
 
 @dataclass
@@ -68,8 +66,6 @@ class MethodConfig:
     mask_mode: str = "same"            # same (RC-MAE-S) | different (RC-MAE-D)
     gamma: float = 1.0                 # weight of RC-MAE's consistency loss L_c (Eq. 6)
     grad_align_every: int = 0          # 0 = off; K = log cos(grad L_r, grad L_c) every K steps
-    # rc-mae-free (also uses gamma and the EMA keys): tokens per image for each layer's curvature (0 = all)
-    correction_tokens: int = 0
     # sdae
     teacher_input: str = "multifold"   # full | masked | crop | multifold
     folds: int = 3                     # SdAE: folds of masked tokens the teacher encodes (multifold)
@@ -93,13 +89,11 @@ class TrainConfig:
     seed: int = 0                      # seed of the initialisation, data order, crops and masks
     deterministic: bool = False        # deterministic algorithms (bit-exact replays; slower on CUDA)
     ckpt_every: int = 20               # epochs between kept checkpoints (last.pt is written every epoch)
-    ckpt_every_steps: int = 0          # also last.pt every N optimiser steps, resumable mid-epoch (0 = off)
     precision: str = "auto"            # auto | fp32 | bf16 | fp16 (autocast on CUDA only)
     log_every: int = 10                # optimiser steps between metrics.jsonl lines
     pictures_every: int = 0            # epochs between reconstruction PNGs (0 = only at the end)
     device: str = "auto"               # auto | cpu | cuda
     compile: bool = False              # torch.compile every transformer block (student and teacher)
-    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow, csv (several: a,b)
 
 
 @dataclass
@@ -125,13 +119,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
-LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")  # train.loggers (train/trackers.py)
-
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("demo", "fashion-mnist", "cifar10", "imagefolder", "hf", "webdataset"),
+    "data.name": ("demo", "fashion-mnist", "cifar10", "imagefolder"),
     "data.in_memory": ("auto", "true", "false"),
     "model.name": ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"),
-    "method.name": ("mae", "rc-mae", "sdae", "rc-mae-free"),
+    "method.name": ("mae", "rc-mae", "sdae"),
     "method.mask_mode": ("same", "different"),
     "method.momentum_schedule": ("constant", "cosine"),
     "method.ema_unit": ("step", "epoch"),
@@ -204,8 +196,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         (inner,) = typing.get_args(tp)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
-        if isinstance(value, str) and inner is str:  # --set train.loggers=tensorboard,mlflow
-            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise MimkitError(f"{key} must be a list, e.g. {key}=[0.5,0.5], got {value!r}")
         return [_coerce(key, v, inner) for v in value]
@@ -313,8 +303,6 @@ def config_from_dict(mapping: dict[str, Any]) -> Config:
 METHOD_EMA_DEFAULTS = {
     # rc-mae: published runs use a constant 0.996 updated every step (REFERENCE_NOTES, App. E.2)
     "rc-mae": {"momentum": 0.996, "momentum_final": None, "momentum_schedule": "constant", "ema_unit": "step"},
-    # rc-mae-free: the same teacher schedule, kept as the difference S - T (methods/rc_mae_free.py)
-    "rc-mae-free": {"momentum": 0.996, "momentum_final": None, "momentum_schedule": "constant", "ema_unit": "step"},
     # sdae: supplement, cosine 0.96 -> 0.99 over epochs, one update per epoch
     "sdae": {"momentum": 0.96, "momentum_final": 0.99, "momentum_schedule": "cosine", "ema_unit": "epoch"},
 }
@@ -340,17 +328,10 @@ def validate(cfg: Config) -> None:
             raise MimkitError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     if t.warmup_epochs < 0:
         raise MimkitError(f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
-    if isinstance(t.ckpt_every_steps, bool) or not isinstance(t.ckpt_every_steps, int) or t.ckpt_every_steps < 0:
-        raise MimkitError(f"train.ckpt_every_steps must be an integer >= 0 (0 = checkpoints at epoch ends only), "
-                          f"got {t.ckpt_every_steps!r}")
     if len(t.betas) != 2:
         raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
     if not 0.0 < cfg.data.crop_min_scale <= 1.0:
         raise MimkitError(f"data.crop_min_scale must be in (0, 1], got {cfg.data.crop_min_scale}")
-    unknown = [name for name in t.loggers if name not in LOGGERS]
-    if unknown:
-        raise MimkitError(f"unknown logger(s) {', '.join(map(repr, unknown))} in train.loggers; accepted: "
-                          f"{', '.join(LOGGERS)} (several separated by commas, or [] for none)")
     if cfg.eval.knn_k < 1:
         raise MimkitError(f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}")
     if m.ema_every_steps is not None:
@@ -365,13 +346,3 @@ def validate(cfg: Config) -> None:
             setattr(m, key, default)
     if m.momentum is not None and not (0.0 <= m.momentum <= 1.0):
         raise MimkitError(f"method.momentum must be in [0, 1], got {m.momentum}")
-    if m.name == "rc-mae-free":
-        if m.mask_mode != "same":
-            raise MimkitError(f"method.mask_mode={m.mask_mode} is not available with rc-mae-free, which models "
-                              "RC-MAE-S only (the teacher sees the student's mask); accepted: same")
-        if m.correction_tokens < 0:
-            raise MimkitError(f"method.correction_tokens must be an integer >= 0 (0 = every token), "
-                              f"got {m.correction_tokens}")
-        if t.compile:
-            raise MimkitError("train.compile=true is not available with rc-mae-free (its per-layer hooks run "
-                              "eagerly); accepted: train.compile=false")
