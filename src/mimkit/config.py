@@ -21,7 +21,7 @@ from mimkit.errors import MimkitError
 
 @dataclass
 class DataConfig:
-    name: str = "demo"                 # demo | fashion-mnist | cifar10 | imagefolder
+    name: str = "demo"                 # demo | fashion-mnist | cifar10 | imagefolder | hf | webdataset
     path: str | None = None            # folder / archive for every source but demo
     cache_dir: str | None = None       # decoded-array cache (default $MIMKIT_CACHE or ~/.cache/mimkit)
     strict: bool = False               # fail on an unreadable image instead of skipping it
@@ -34,6 +34,8 @@ class DataConfig:
     max_test: int | None = None        # keep a fixed random subset of the held-out images
     mean: list[float] | None = None    # per-channel normalisation mean in [0, 1] units (default: the source's own)
     std: list[float] | None = None     # per-channel normalisation std (default: the source's own)
+    image_key: str | None = None       # hf column / webdataset member(s) of the image (default: detected)
+    label_key: str | None = None       # hf column / webdataset member of the label (default: detected)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class TrainConfig:
     pictures_every: int = 0            # epochs between reconstruction PNGs (0 = only at the end)
     device: str = "auto"               # auto | cpu | cuda
     compile: bool = False              # torch.compile every transformer block (student and teacher)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow, csv (several: a,b)
 
 
 @dataclass
@@ -119,8 +122,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")  # train.loggers (train/trackers.py)
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("demo", "fashion-mnist", "cifar10", "imagefolder"),
+    "data.name": ("demo", "fashion-mnist", "cifar10", "imagefolder", "hf", "webdataset"),
     "data.in_memory": ("auto", "true", "false"),
     "model.name": ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"),
     "method.name": ("mae", "rc-mae", "sdae"),
@@ -196,6 +201,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         (inner,) = typing.get_args(tp)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
+        if isinstance(value, str) and inner is str:  # --set train.loggers=tensorboard,mlflow
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise MimkitError(f"{key} must be a list, e.g. {key}=[0.5,0.5], got {value!r}")
         return [_coerce(key, v, inner) for v in value]
@@ -332,6 +339,10 @@ def validate(cfg: Config) -> None:
         raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
     if not 0.0 < cfg.data.crop_min_scale <= 1.0:
         raise MimkitError(f"data.crop_min_scale must be in (0, 1], got {cfg.data.crop_min_scale}")
+    unknown = [name for name in t.loggers if name not in LOGGERS]
+    if unknown:
+        raise MimkitError(f"unknown logger(s) {', '.join(map(repr, unknown))} in train.loggers; accepted: "
+                          f"{', '.join(LOGGERS)} (several separated by commas, or [] for none)")
     if cfg.eval.knn_k < 1:
         raise MimkitError(f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}")
     if m.ema_every_steps is not None:
