@@ -25,7 +25,9 @@ class DataConfig:
     path: str | None = None            # folder / archive for every source but demo
     cache_dir: str | None = None       # decoded-array cache (default $MIMKIT_CACHE or ~/.cache/mimkit)
     strict: bool = False               # fail on an unreadable image instead of skipping it
-    in_memory: str = "auto"            # auto | true | false
+    in_memory: str = "auto"            # auto: in memory when it fits in_memory_budget_gb (image folders: one image size) | true | false: read from disk
+    in_memory_budget_gb: float = 2.0   # decoded size (GB) up to which in_memory=auto holds an image folder in memory
+    in_memory_resize: bool = False     # image folders held in memory: resize every image to model.img_size on decode
     num_workers: int | None = None     # DataLoader workers for folder-backed data
     channels: int | None = None        # 1 or 3 for imagefolder (default 3)
     crop_min_scale: float = 0.2        # RandomResizedCrop area range (crop_min_scale, 1), MAE recipe 0.2
@@ -337,6 +339,9 @@ def validate(cfg: Config) -> None:
         raise MimkitError(f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
     if len(t.betas) != 2:
         raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
+    if cfg.data.in_memory_budget_gb < 0:
+        raise MimkitError(f"data.in_memory_budget_gb must be >= 0 (0 = never hold an image folder in memory), "
+                          f"got {cfg.data.in_memory_budget_gb}")
     if not 0.0 < cfg.data.crop_min_scale <= 1.0:
         raise MimkitError(f"data.crop_min_scale must be in (0, 1], got {cfg.data.crop_min_scale}")
     unknown = [name for name in t.loggers if name not in LOGGERS]

@@ -27,5 +27,6 @@ def datamodule_from_config(cfg, log=None):
         num_workers=d.num_workers, mean=d.mean, std=d.std, channels=d.channels, log=log,
         max_train=d.max_train, max_test=d.max_test, subset_seed=cfg.train.seed,
         crop_scale=(d.crop_min_scale, 1.0), hflip_p=0.5 if d.hflip else 0.0,
-        image_key=d.image_key, label_key=d.label_key,
+        image_key=d.image_key, label_key=d.label_key, in_memory_budget_gb=d.in_memory_budget_gb,
+        decode_size=cfg.model.img_size if d.in_memory_resize else None,
     )

@@ -45,8 +45,11 @@ from mimkit.data.sources import (
     LogFn,
     canonical_source_name,
     channels_mode,
+    IN_MEMORY_BUDGET_GB,
     default_mean_std,
+    describe_conversions,
     describe_failure,
+    folder_memory_plan,
     list_image_tree,
     load_in_memory,
     report_skipped,
@@ -103,8 +106,8 @@ class DataModule(abc.ABC):
         steps = (self.num_train // world_size) // batch_size
         if steps == 0:
             raise MimkitError(
-                f"batch_size {batch_size} x world_size {world_size} exceeds the {self.num_train} training "
-                f"images of {self.name}; use a batch_size of at most {max(1, self.num_train // world_size)}"
+                f"train.batch_size {batch_size} x {world_size} process(es) exceeds the {self.num_train} training "
+                f"images of {self.name}; use --set train.batch_size={max(1, self.num_train // world_size)} or less"
             )
         return steps
 
@@ -164,8 +167,9 @@ class DataModule(abc.ABC):
 
     @abc.abstractmethod
     def sample_images(self, n: int, split: str = "test") -> Tensor:
-        """The first ``n`` un-augmented, normalised images of ``split`` (train when there is no
-        held-out split): float32 ``(min(n, len), C, img_size, img_size)`` on the CPU."""
+        """``n`` un-augmented, normalised images of ``split`` (train when there is no held-out split), chosen by
+        :func:`sample_indices` (seeded, one class after another): float32 ``(min(n, len), C, img_size, img_size)``
+        on the CPU."""
 
     def describe(self) -> str:
         """One line for logs, e.g. ``cifar10: 50000 train images, 3x32x32, 10 classes, labelled test split``."""
@@ -269,7 +273,8 @@ class InMemoryDataModule(DataModule):
         """See :meth:`DataModule.sample_images`."""
         split = self._check_split(split)
         s = self.data.test if split == "test" and self.data.test is not None else self.data.train
-        return normalize(center_resize(s.images[:n], self.img_size), self.mean, self.std)
+        idx = torch.tensor(sample_indices(None if s.labels is None else s.labels.tolist(), len(s), n), dtype=torch.long)
+        return normalize(center_resize(s.images[idx], self.img_size), self.mean, self.std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +285,8 @@ class _FolderDataset(Dataset):
     """Decodes one file per item. Items are ``(index, epoch_key | None)``; a key means training
     augmentation with a per-image generator seeded by ``mix_seed(epoch_key, index)``.
 
-    Returns ``(uint8 (C, S, S) or None, label, path, failure reason)`` (never raises for bad files).
+    Returns ``(uint8 (C, S, S) or None, label, path, failure reason, original mode when converted else "")``
+    (never raises for bad files).
     """
 
     def __init__(self, files: FileList, mode: str, img_size: int, crop_scale: Sequence[float], hflip_p: float) -> None:
@@ -294,17 +300,19 @@ class _FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, item: tuple[int, int | None]) -> tuple[Tensor | None, int, str, str]:
+    def __getitem__(self, item: tuple[int, int | None]) -> tuple[Tensor | None, int, str, str, str]:
         index, epoch_key = item
         path = self.files[index]
         label = -1 if self.labels is None else self.labels[index]
         try:
             with self.open_image(index) as im:
+                original = im.mode
                 img = im.convert(self.mode)
         except Exception as e:  # PIL raises many types for bad files
-            return None, label, path, describe_failure(e)
+            return None, label, path, describe_failure(e), ""
         g = None if epoch_key is None else torch.Generator().manual_seed(mix_seed(epoch_key, index))
-        return transform_image(img, self.img_size, g, self.crop_scale, self.hflip_p), label, path, ""
+        converted = original if original != self.mode else ""
+        return transform_image(img, self.img_size, g, self.crop_scale, self.hflip_p), label, path, "", converted
 
     def open_image(self, index: int) -> Image.Image:
         """The PIL image of item ``index`` (subclasses read other stores than files, e.g. ``data/hf.py``)."""
@@ -328,12 +336,14 @@ def transform_image(img: Image.Image, size: int, generator: torch.Generator | No
     return TF.pil_to_tensor(img)
 
 
-def _collate(samples: list[tuple[Tensor | None, int, str, str]]) -> tuple[Tensor | None, Tensor, list[tuple[str, str]]]:
-    """Stack the readable samples: (uint8 (b, C, S, S) or None, int64 (b,), [(path, reason) of failures])."""
+def _collate(samples: list[tuple]) -> tuple:
+    """Stack the readable samples: (uint8 (b, C, S, S) or None, int64 (b,), [(path, reason) of failures],
+    {path: original PIL mode} of the images converted to the dataset's mode)."""
     good = [s for s in samples if s[0] is not None]
     failures = [(s[2], s[3]) for s in samples if s[0] is None]
     images = torch.stack([s[0] for s in good]) if good else None  # type: ignore[misc]
-    return images, torch.tensor([s[1] for s in good], dtype=torch.int64), failures
+    converted = {s[2]: s[4] for s in good if len(s) > 4 and s[4]}
+    return images, torch.tensor([s[1] for s in good], dtype=torch.int64), failures, converted
 
 
 class _ItemSampler(Sampler):
@@ -374,7 +384,7 @@ class FolderDataModule(DataModule):
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise MimkitError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+            raise MimkitError(f"data.num_workers must be a non-negative integer, got {num_workers!r}")
         default_mean, default_std = default_mean_std(channels)
         self.listing = listing
         self.name = name
@@ -395,6 +405,25 @@ class FolderDataModule(DataModule):
             if files is not None
         }
         self._reported: set[str] = set()
+        self._converted: dict[str, str] = {}  # path -> its own PIL mode, for files converted to self.in_chans
+        if strict:
+            self.validate()
+
+    def describe(self) -> str:
+        lazy = "" if self.strict else " (files read from disk every epoch; unreadable ones skipped when met)"
+        return super().describe() + lazy
+
+    def validate(self) -> None:
+        """``data.strict=true``: decode every image of every split once, before training, and stop at the first
+        unreadable one (one pass, in the DataLoader workers)."""
+        for split, ds in self._datasets.items():
+            items = [(i, None) for i in range(len(ds))]
+            loader = self._loader(ds, items, 64, drop_last=False, device=torch.device("cpu"), seed=0)
+            for batch in loader:
+                failures = batch[2]
+                if failures:
+                    raise unreadable_error(*failures[0])
+        self.log(f"data.strict=true: every image of {self.listing.root} was decoded once and is readable")
 
     def _dataset(self, split: str) -> _FolderDataset:
         split = self._check_split(split)
@@ -418,21 +447,33 @@ class FolderDataModule(DataModule):
         )
 
     def _batches(self, loader: DataLoader, device: torch.device, what: str) -> Iterator[tuple[Tensor, Tensor]]:
-        """Move readable images to ``device`` as normalised floats; handle unreadable files."""
-        skipped: list[tuple[str, str]] = []
-        for images, labels, failures in loader:
+        """Move readable images to ``device`` as normalised floats; handle unreadable files (each reported once,
+        when first met: files are read lazily unless ``data.strict=true``) and count converted ones."""
+        new: list[tuple[str, str]] = []
+        converted_before = len(self._converted)
+        for batch in loader:
+            images, labels, failures = batch[:3]
+            if len(batch) > 3:
+                self._converted.update(batch[3])
             for path, reason in failures:
                 if self.strict:
                     raise unreadable_error(path, reason)
-                skipped.append((path, reason))
                 if path not in self._reported:
                     self._reported.add(path)
-                    self.log(f"skipping unreadable image {path}: {reason}")
+                    new.append((path, reason))
             if images is None:
                 continue
             x = images.to(device, non_blocking=True).to(torch.float32).div_(255)
             yield normalize(x, self.mean, self.std), labels.to(device, non_blocking=True)
-        report_skipped(skipped, self.log, what=f" in {what}")
+        if new:
+            report_skipped(new, self.log, what=f" in {what} ({len(self._reported)} so far, each counted once; "
+                                                f"--set data.strict=true checks every image before training)")
+        if len(self._converted) > converted_before:
+            counts: dict[str, int] = {}
+            for m in self._converted.values():
+                counts[m] = counts.get(m, 0) + 1
+            mode = "RGB" if self.in_chans == 3 else "grey (L)"
+            self.log(f"{describe_conversions(counts, mode)} so far (met in {what})")
 
     def train_batches(
         self,
@@ -475,10 +516,10 @@ class FolderDataModule(DataModule):
         split = self._check_split(split)
         ds = self._datasets["test"] if split == "test" and "test" in self._datasets else self._datasets["train"]
         out: list[Tensor] = []
-        for i in range(len(ds)):
+        for i in sample_indices(ds.labels, len(ds), len(ds)):  # in sample order; unreadable ones are passed over
             if len(out) >= n:
                 break
-            image, _, path, reason = ds[(i, None)]
+            image, _, path, reason = ds[(i, None)][:4]
             if image is None:
                 if self.strict:
                     raise unreadable_error(path, reason)
@@ -487,6 +528,26 @@ class FolderDataModule(DataModule):
         if not out:
             return torch.empty(0, self.in_chans, self.img_size, self.img_size)
         return normalize(torch.stack(out).to(torch.float32).div_(255), self.mean, self.std)
+
+
+def sample_indices(labels: Sequence[int] | None, length: int, n: int, seed: int = 0) -> list[int]:
+    """Indices of ``n`` images for pictures: one per class in turn (classes in order, each class's images in a
+    seeded random order), so a split sorted by class still shows every class; unlabelled: a seeded random
+    sample. Deterministic: the same images for every checkpoint of a data set."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(length, generator=g).tolist()
+    if labels is None:
+        return order[:n]
+    per_class: dict[int, list[int]] = {}
+    for i in order:
+        per_class.setdefault(int(labels[i]), []).append(i)
+    queues = [per_class[c] for c in sorted(per_class)]
+    out: list[int] = []
+    while len(out) < min(n, length):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,6 +586,8 @@ def build_datamodule(
     subset_seed: int = 0,
     image_key: str | None = None,
     label_key: str | None = None,
+    in_memory_budget_gb: float = IN_MEMORY_BUDGET_GB,
+    decode_size: int | None = None,
 ) -> DataModule:
     """Build the batch provider for a data source.
 
@@ -535,9 +598,11 @@ def build_datamodule(
             not square), 224 for folder-backed ones.
         cache_dir: cache of decoded image trees (default ``$MIMKIT_CACHE`` or ``~/.cache/mimkit``).
         strict: unreadable images raise MimkitError instead of being skipped.
-        in_memory: "auto" (in memory for demo / fashion-mnist / cifar10, folder-backed for
-            imagefolder), True (imagefolder decoded into memory: all images must share one size)
-            or False (folder-backed: imagefolder, or a cifar10 image-tree folder).
+        in_memory: "auto" (in memory for demo / fashion-mnist / cifar10; an imagefolder in memory when its
+            decoded size fits ``in_memory_budget_gb`` and all images share one size, or ``decode_size`` is
+            given: :func:`~mimkit.data.sources.folder_memory_plan`; else folder-backed), True (imagefolder decoded
+            into memory: all images must share one size, or ``decode_size``) or False (folder-backed:
+            imagefolder, or a cifar10 image-tree folder).
         num_workers: DataLoader processes of folder-backed sets (default ``min(8, cpu_count)``).
         mean, std: override the per-channel normalisation.
         channels: 1 or 3; folders decode to this (default 3); in-memory sets are converted.
@@ -545,6 +610,8 @@ def build_datamodule(
         crop_scale, hflip_p: training augmentation (area range of the random crop, flip probability).
         max_train, max_test: keep a fixed random subset (``subset_seed``) of at most this many images.
         image_key, label_key: columns (``hf``) or tar members (``webdataset``) of the image and the label.
+        in_memory_budget_gb: decoded size up to which ``in_memory="auto"`` holds an image folder in memory.
+        decode_size: resize image-folder images to this square side while decoding them into memory.
     """
     log = log if log is not None else _no_log
     source = canonical_source_name(name)
@@ -562,7 +629,7 @@ def build_datamodule(
         log(f"data {dm.describe()}")
         return dm
     if in_memory not in ("auto", True, False):
-        raise MimkitError(f"in_memory must be 'auto', true or false, got {in_memory!r}")
+        raise MimkitError(f"data.in_memory must be auto, true or false, got {in_memory!r}")
     if img_size is not None:
         _check_positive("img_size", img_size)
     folder = source == "imagefolder" and in_memory is not True
@@ -571,9 +638,13 @@ def build_datamodule(
             folder = True
         else:
             raise MimkitError(
-                f"data source {source!r} is held in memory only (in_memory=false is accepted for imagefolder "
-                f"and for a cifar10 image-tree folder)"
+                f"data source {source!r} is held in memory only (--set data.in_memory=false is accepted for "
+                f"data.name=imagefolder and for a cifar10 image-tree folder)"
             )
+    if source == "imagefolder" and in_memory == "auto" and path is not None and str(path).strip():
+        fits, why = folder_memory_plan(list_image_tree(path), channels or 3, in_memory_budget_gb, decode_size)
+        log(f"data.in_memory=auto: {why}")
+        folder = not fits
     if folder:
         if path is None or str(path).strip() == "":
             raise MimkitError(f"data source {source!r} needs a path (got {path!r})")
@@ -589,7 +660,8 @@ def build_datamodule(
             strict=strict, num_workers=num_workers, crop_scale=crop_scale, hflip_p=hflip_p, log=log,
         )  # fmt: skip
     else:
-        data = load_in_memory(source, path, cache_dir=cache_dir, strict=strict, log=log, channels=channels)
+        data = load_in_memory(source, path, cache_dir=cache_dir, strict=strict, log=log, channels=channels,
+                              size=decode_size if source == "imagefolder" else None)
         data.train = _subset_split(data.train, max_train, subset_seed)
         if data.test is not None:
             data.test = _subset_split(data.test, max_test, subset_seed)
@@ -610,7 +682,7 @@ def _subset_order(n: int, limit: int | None, seed: int) -> Tensor | None:
     """Sorted indices of a fixed random subset of size ``limit`` (None when no cut is needed)."""
     if limit is None or limit >= n:
         return None
-    _check_positive("max_train/max_test", limit)
+    _check_positive("data.max_train / data.max_test", limit)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 

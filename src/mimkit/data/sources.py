@@ -19,13 +19,14 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mimkit.data.idx import read_idx
 from mimkit.errors import MimkitError
@@ -193,14 +194,36 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def decode_image(source: bytes | str | os.PathLike, mode: str) -> np.ndarray:
-    """Decode one image file (path or bytes) with PIL, converted to ``mode`` ("RGB" or "L").
+def decode_image(source: bytes | str | os.PathLike, mode: str, size: int | None = None) -> np.ndarray:
+    """Decode one image file (path or bytes) with PIL, converted to ``mode`` ("RGB" or "L"); with ``size``,
+    centre-cropped to a square and resized to ``size`` x ``size`` (bicubic, ``PIL.ImageOps.fit``).
 
     Returns: uint8 ``(H, W, C)``.
     """
+    return decode_image_mode(source, mode, size)[0]
+
+
+def decode_image_mode(source: bytes | str | os.PathLike, mode: str, size: int | None = None) -> tuple[np.ndarray, str]:
+    """:func:`decode_image` and the file's own PIL mode (e.g. "L" for a grey JPEG converted to RGB)."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-        arr = np.asarray(im.convert(mode))
-    return arr[:, :, None] if arr.ndim == 2 else arr
+        original = im.mode
+        img = im.convert(mode)
+        if size is not None:
+            img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
+        arr = np.asarray(img)
+    return (arr[:, :, None] if arr.ndim == 2 else arr), original
+
+
+def describe_conversions(converted: dict[str, int], mode: str) -> str:
+    """``converted 3 images to RGB (L: 2 grey, P: 1)`` for the log, or "" when none was converted."""
+    total = sum(converted.values())
+    if not total:
+        return ""
+    parts = ", ".join(f"{m}: {n}{' grey' if m in GREY_MODES else ''}" for m, n in sorted(converted.items()))
+    return f"converted {total} image{'s' if total != 1 else ''} to {mode} ({parts})"
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 def describe_failure(error: BaseException) -> str:
@@ -217,7 +240,8 @@ def report_skipped(skipped: list[tuple[str, str]], log: LogFn, *, what: str = ""
 
 
 def unreadable_error(name: str, reason: str) -> MimkitError:
-    return MimkitError(f"unreadable image {name}: {reason} (strict mode; drop strict to skip such files)")
+    return MimkitError(f"unreadable image {name}: {reason} (data.strict=true stops at unreadable images; "
+                       "--set data.strict=false skips them)")
 
 
 @dataclass
@@ -347,6 +371,7 @@ class _Decoded:
     test_labels: np.ndarray | None
     classes: list[str] | None
     skipped: list[tuple[str, str]]
+    converted: dict[str, int] = field(default_factory=dict)  # original PIL mode -> images converted from it
 
 
 def _save_cache(path: Path, d: _Decoded, log: LogFn) -> bool:
@@ -358,6 +383,7 @@ def _save_cache(path: Path, d: _Decoded, log: LogFn) -> bool:
     if d.classes is not None:
         arrays["classes"] = np.array(d.classes, dtype=str)
     arrays["skipped"] = np.array([f"{n}\t{r}" for n, r in d.skipped], dtype=str).reshape(-1)
+    arrays["converted"] = np.array([f"{m}\t{n}" for m, n in d.converted.items()], dtype=str).reshape(-1)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
@@ -389,6 +415,8 @@ def _load_cache(path: Path, log: LogFn) -> _Decoded | None:
             test_labels=a.get("test_labels"),
             classes=[str(c) for c in a["classes"]] if "classes" in a else None,
             skipped=[tuple(s.split("\t", 1)) for s in a["skipped"].tolist()],  # type: ignore[misc]
+            converted={m: int(n) for m, n in (c.split("\t", 1) for c in a["converted"].tolist())}
+            if "converted" in a else {},  # caches written before the count existed: unknown
         )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         log(f"ignoring unreadable data cache {path} ({e})")
@@ -416,6 +444,9 @@ def _cached_decode(
     if strict and d.skipped:
         raise unreadable_error(*d.skipped[0])
     report_skipped(d.skipped, log)
+    conversions = describe_conversions(d.converted, "grey (L)" if d.train_images.shape[1] == 1 else "RGB")
+    if conversions:
+        log(f"{conversions} while decoding {source}")
     return d
 
 
@@ -449,20 +480,24 @@ class _Decoder:
     In strict mode the first unreadable image raises MimkitError naming it.
     """
 
-    def __init__(self, mode: str, strict: bool) -> None:
+    def __init__(self, mode: str, strict: bool, size: int | None = None) -> None:
         self.mode = mode
         self.strict = strict
+        self.size = size
         self.items: list[tuple[object, str, np.ndarray, object]] = []
         self.skipped: list[tuple[str, str]] = []
+        self.converted: Counter[str] = Counter()
 
     def add(self, name: str, source: bytes | str, label: object = None, sort_key: object = None) -> None:
         try:
-            arr = decode_image(source, self.mode)
+            arr, original = decode_image_mode(source, self.mode, self.size)
         except Exception as e:  # PIL raises many types (OSError, ValueError, SyntaxError, DecompressionBombError...)
             if self.strict:
                 raise unreadable_error(name, describe_failure(e)) from None
             self.skipped.append((name, describe_failure(e)))
             return
+        if original != self.mode:
+            self.converted[original] += 1
         self.items.append((len(self.items) if sort_key is None else sort_key, name, arr, label))
 
 
@@ -502,6 +537,7 @@ def _assemble(train: _Decoder, test: _Decoder | None, classes: list[str] | None,
     everything = train_items + test_items
     stacked = stack_same_size([t[2] for t in everything], [t[1] for t in everything], where, hint)
     n = len(train_items)
+    converted = train.converted + (test.converted if test is not None else Counter())
     return _Decoded(
         train_images=stacked[:n],
         train_labels=labels(train_items),
@@ -509,15 +545,16 @@ def _assemble(train: _Decoder, test: _Decoder | None, classes: list[str] | None,
         test_labels=labels(test_items) if test_items else None,
         classes=classes,
         skipped=skipped,
+        converted=dict(converted),
     )
 
 
-def _decode_listing(listing: ImageTreeListing, mode: str, strict: bool, hint: str) -> _Decoded:
+def _decode_listing(listing: ImageTreeListing, mode: str, strict: bool, hint: str, size: int | None = None) -> _Decoded:
     decoders: list[_Decoder] = []
     for split in (listing.train, listing.test):
         if split is None:
             continue
-        dec = _Decoder(mode, strict)
+        dec = _Decoder(mode, strict, size)
         for i, f in enumerate(split.files):
             dec.add(f, f, None if split.labels is None else split.labels[i])
         decoders.append(dec)
@@ -718,7 +755,7 @@ def load_cifar10(
 def channels_mode(channels: int) -> str:
     """PIL mode for a channel count: 1 -> "L", 3 -> "RGB"."""
     if channels not in (1, 3):
-        raise MimkitError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+        raise MimkitError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
     return "L" if channels == 1 else "RGB"
 
 
@@ -734,14 +771,17 @@ def load_imagefolder(
     cache_dir: str | os.PathLike | None = None,
     strict: bool = False,
     log: LogFn = _no_log,
+    size: int | None = None,
 ) -> InMemoryData:
-    """Decode a whole image-folder tree into memory (all images must share one size); cached."""
+    """Decode a whole image-folder tree into memory (all images must share one size, or ``size`` resizes them
+    on decode: centre square, ``size`` x ``size``); cached."""
     mode = channels_mode(channels)
     listing = list_image_tree(path)
-    hint = "load it folder-backed (in_memory=False / 'auto')"
+    hint = RESIZE_HINT
+    key = f"{mode}|{_listing_key(listing)}" if size is None else f"{mode}|{size}|{_listing_key(listing)}"
     d = _cached_decode(
-        "imagefolder", f"{mode}|{_listing_key(listing)}", listing.root,
-        lambda: _decode_listing(listing, mode, strict, hint), cache_dir=cache_dir, strict=strict, log=log,
+        "imagefolder", key, listing.root,
+        lambda: _decode_listing(listing, mode, strict, hint, size), cache_dir=cache_dir, strict=strict, log=log,
     )  # fmt: skip
     mean, std = default_mean_std(channels)
     return _to_in_memory(d, mean, std)
@@ -749,6 +789,53 @@ def load_imagefolder(
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
+
+
+RESIZE_HINT = ("--set data.in_memory=false reads them from disk, or --set data.in_memory_resize=true resizes them to "
+               "model.img_size while decoding")
+IN_MEMORY_BUDGET_GB = 2.0  #: default of data.in_memory_budget_gb
+
+
+def folder_memory_plan(listing: ImageTreeListing, channels: int, budget_gb: float,
+                       size: int | None = None) -> tuple[bool, str]:
+    """``data.in_memory=auto`` for an image folder: (hold it in memory?, why, for the log).
+
+    In memory when its decoded uint8 size (images x channels x H x W, both splits) fits ``budget_gb`` and every
+    image has one size (read from the file headers, no decoding), or when ``size`` (resize on decode) is given and
+    ``images x channels x size^2`` fits. Otherwise the folder is read from disk every epoch.
+    """
+    files = listing.train.files + (listing.test.files if listing.test is not None else [])
+    budget = budget_gb * 1e9
+    if size is not None:
+        total = len(files) * channels * size * size
+        if total <= budget:
+            return True, (f"{len(files)} images resized to {size}x{size} on decode = {total / 1e6:.0f} MB, within "
+                          f"data.in_memory_budget_gb={budget_gb:g}")
+        return False, (f"{len(files)} images at {size}x{size} = {total / 1e9:.1f} GB decoded, over "
+                       f"data.in_memory_budget_gb={budget_gb:g}: read from disk every epoch")
+    first: tuple[str, tuple[int, int]] | None = None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                wh = im.size
+        except Exception:  # unreadable: decoding reports it
+            continue
+        if first is None:
+            first = (f, wh)
+            total = len(files) * channels * wh[0] * wh[1]
+            if total > budget:
+                return False, (f"about {total / 1e9:.1f} GB decoded ({len(files)} images like {Path(f).name}, "
+                               f"{wh[0]}x{wh[1]}), over data.in_memory_budget_gb={budget_gb:g}: read from disk "
+                               "every epoch")
+        elif wh != first[1]:
+            return False, (f"images differ in size ({Path(first[0]).name} is {first[1][0]}x{first[1][1]}, "
+                           f"{Path(f).name} is {wh[0]}x{wh[1]}): read from disk every epoch; --set "
+                           "data.in_memory_resize=true holds them in memory at model.img_size")
+    if first is None:
+        return True, "no readable image header"
+    total = len(files) * channels * first[1][0] * first[1][1]
+    return True, (f"{len(files)} images of {first[1][0]}x{first[1][1]} = {total / 1e6:.0f} MB decoded, within "
+                  f"data.in_memory_budget_gb={budget_gb:g}: decoded once (cached) and held in memory")
 
 
 def canonical_source_name(name: str) -> str:
@@ -815,6 +902,7 @@ def load_in_memory(
     strict: bool = False,
     log: LogFn | None = None,
     channels: int | None = None,
+    size: int | None = None,
 ) -> InMemoryData:
     """Load a data set into memory.
 
@@ -826,6 +914,7 @@ def load_in_memory(
         log: optional callable receiving one-line info messages.
         channels: 1 or 3 to convert the images (grey <-> RGB); None keeps the source's own
             (``imagefolder`` decodes to RGB by default).
+        size: ``imagefolder`` only: resize every image to ``size`` x ``size`` while decoding (centre square).
 
     Returns: an :class:`InMemoryData` with uint8 ``(N, C, H, W)`` images on the CPU.
     """
@@ -841,7 +930,8 @@ def load_in_memory(
         elif source == "cifar10":
             data = load_cifar10(path, cache_dir=cache_dir, strict=strict, log=log)
         else:
-            data = load_imagefolder(path, channels=channels or 3, cache_dir=cache_dir, strict=strict, log=log)
+            data = load_imagefolder(path, channels=channels or 3, cache_dir=cache_dir, strict=strict, log=log,
+                                    size=size)
     if channels is not None:
         data = convert_channels(data, channels)
     return data
