@@ -70,6 +70,8 @@ class MethodConfig:
     mask_mode: str = "same"            # same (RC-MAE-S) | different (RC-MAE-D)
     gamma: float = 1.0                 # weight of RC-MAE's consistency loss L_c (Eq. 6)
     grad_align_every: int = 0          # 0 = off; K = log cos(grad L_r, grad L_c) every K steps
+    # rc-mae-free (also uses gamma and the EMA keys): tokens per image for each layer's curvature (0 = all)
+    correction_tokens: int = 0
     # sdae
     teacher_input: str = "multifold"   # full | masked | crop | multifold
     folds: int = 3                     # SdAE: folds of masked tokens the teacher encodes (multifold)
@@ -130,7 +132,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("demo", "fashion-mnist", "cifar10", "imagefolder", "hf", "webdataset"),
     "data.in_memory": ("auto", "true", "false"),
     "model.name": ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"),
-    "method.name": ("mae", "rc-mae", "sdae"),
+    "method.name": ("mae", "rc-mae", "sdae", "rc-mae-free"),
     "method.mask_mode": ("same", "different"),
     "method.momentum_schedule": ("constant", "cosine"),
     "method.ema_unit": ("step", "epoch"),
@@ -312,6 +314,8 @@ def config_from_dict(mapping: dict[str, Any]) -> Config:
 METHOD_EMA_DEFAULTS = {
     # rc-mae: published runs use a constant 0.996 updated every step (REFERENCE_NOTES, App. E.2)
     "rc-mae": {"momentum": 0.996, "momentum_final": None, "momentum_schedule": "constant", "ema_unit": "step"},
+    # rc-mae-free: the same teacher schedule, kept as the difference S - T (methods/rc_mae_free.py)
+    "rc-mae-free": {"momentum": 0.996, "momentum_final": None, "momentum_schedule": "constant", "ema_unit": "step"},
     # sdae: supplement, cosine 0.96 -> 0.99 over epochs, one update per epoch
     "sdae": {"momentum": 0.96, "momentum_final": 0.99, "momentum_schedule": "cosine", "ema_unit": "epoch"},
 }
@@ -362,3 +366,13 @@ def validate(cfg: Config) -> None:
             setattr(m, key, default)
     if m.momentum is not None and not (0.0 <= m.momentum <= 1.0):
         raise MimkitError(f"method.momentum must be in [0, 1], got {m.momentum}")
+    if m.name == "rc-mae-free":
+        if m.mask_mode != "same":
+            raise MimkitError(f"method.mask_mode={m.mask_mode} is not available with rc-mae-free, which models "
+                              "RC-MAE-S only (the teacher sees the student's mask); accepted: same")
+        if m.correction_tokens < 0:
+            raise MimkitError(f"method.correction_tokens must be an integer >= 0 (0 = every token), "
+                              f"got {m.correction_tokens}")
+        if t.compile:
+            raise MimkitError("train.compile=true is not available with rc-mae-free (its per-layer hooks run "
+                              "eagerly); accepted: train.compile=false")

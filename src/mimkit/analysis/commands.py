@@ -52,6 +52,8 @@ def register(groups, common) -> None:
     p.add_argument("--near-zero", type=float, default=d.near_zero,
                    help=f"|mean cos| threshold for the 'near zero' verdict (default {d.near_zero:g})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+    p.add_argument("--teacher-free", action="store_true",
+                   help="also train the teacher-free arm (rc-mae-free's D A correction) and draw it over the teacher's")
     p.set_defaults(func=cmd_linear_model)
 
     p = ana.add_parser("grad-alignment", parents=[common(checkpoint=True, output=False)],
@@ -103,10 +105,14 @@ def cmd_linear_model(args) -> int:
     ).validate()
     t0 = time.perf_counter()
     curves = run_linear_model(cfg)
-    png, js, summary = write_outputs(Path(args.out), curves, cfg)
+    free = run_linear_model(cfg, arm="free") if args.teacher_free else None
+    png, js, summary = write_outputs(Path(args.out), curves, cfg, free)
     print(f"linear model: {cfg.runs} runs x {cfg.iterations} iterations in {time.perf_counter() - t0:.1f}s "
           f"-> {png}, {js}")
     _print_verdicts(summary["verdicts"])
+    if free is not None:
+        print(f"teacher-free arm: largest relative difference from the teacher arm's curves "
+              f"{summary['teacher_free']['max_relative_curve_difference']:.2e}")
     return 0
 
 

@@ -42,6 +42,12 @@ vs 0.0). ``cov_normalize=True`` divides the draw by ``df`` (mean covariance ``V`
 about 0.3): tight clusters, "similar" inputs with cos about 0.9 — the other possible reading of
 "Wishart(V_i)", and the one under which all of the paper's trends show (docs/analysis.md).
 Every run draws its own data set, initialisation, batches and masks from ``seed`` and the run index.
+
+Teacher-free arm (``arm="free"``, issue 15, ``method.name=rc-mae-free``): no teacher is trained; the optimiser
+keeps ``D = S - T`` by ``D <- alpha (D + Delta)`` after each step (``Delta`` = the step) and adds
+``grad L_c = D A`` with ``A`` = the batch's ``mean a a^T``. It draws the same data, batches, masks and probes as
+the teacher arm, so both trajectories are equal up to float round-off (tested); the probe uses ``S - D`` as the
+teacher.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from mimkit.errors import MimkitError
 
 DTYPE = torch.float64
 PROBE_STEPS = ("sgd", "optimizer")
+ARMS = ("teacher", "free")   # EMA teacher (RC-MAE) | teacher-free correction in the optimiser (rc-mae-free)
 
 
 @dataclass(frozen=True)
@@ -270,25 +277,50 @@ def train_step(P: Tensor, Q: Tensor, V: Tensor, x: Tensor, keep: Tensor,
     return P, Q, V
 
 
+def train_step_free(P: Tensor, D: Tensor, V: Tensor, x: Tensor, keep: Tensor,
+                    cfg: LinearModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The same step without a teacher: ``grad L_r + D A`` (``D = S - T``, ``A`` = batch mean of ``a a^T``), then
+    ``D <- alpha (D + Delta)`` (rc-mae-free's recursion for the EMA's ``S - T``)."""
+    from mimkit.methods.rc_mae_free import advance_difference
+
+    a = augment(x * keep)
+    grad = (a @ P.T - x).T @ a / x.shape[0] + D @ (a.T @ a / x.shape[0])
+    V = cfg.sgd_momentum * V + grad
+    P_new = P - cfg.lr * V
+    return P_new, advance_difference(D, P_new - P, cfg.teacher_momentum), V
+
+
 def _run_seed(seed: int, run: int) -> int:
     return (int(seed) * 1_000_003 + int(run) * 7_919 + 12_345) % (2**63 - 1)
 
 
-def run_one(cfg: LinearModelConfig, run: int) -> dict[str, Tensor]:
-    """One run: returns (iterations, 3) per-iteration means over the probe points of each quantity."""
+def run_one(cfg: LinearModelConfig, run: int, arm: str = "teacher", keep_weights: bool = False) -> dict[str, Tensor]:
+    """One run: returns (iterations, 3) per-iteration means over the probe points of each quantity (and, with
+    ``keep_weights``, ``weights``: the student after every iteration, (iterations, dim, dim + 1))."""
+    if arm not in ARMS:
+        raise MimkitError(f"unknown linear-model arm {arm!r}; accepted: {', '.join(ARMS)}")
     g = torch.Generator().manual_seed(_run_seed(cfg.seed, run))
     X, _ = sample_clusters(cfg, g)
     n_total = X.shape[0]
     P = init_student(cfg.dim, g)
     Q = P.clone()
     V = torch.zeros_like(P)
+    D = torch.zeros_like(P)
     keys = ("lc_norm", "lr_norm", "cos", "input_cos")
     out = {k: torch.empty(cfg.iterations, len(SEQUENCE_TYPES), dtype=DTYPE) for k in keys}
+    if keep_weights:
+        out["weights"] = torch.empty(cfg.iterations, *P.shape, dtype=DTYPE)
     n_types = len(SEQUENCE_TYPES)
     for it in range(cfg.iterations):
         idx = torch.randint(0, n_total, (cfg.batch_size,), generator=g)
         keep = random_keep(cfg.batch_size, cfg.dim, cfg.num_keep, g)
-        P, Q, V = train_step(P, Q, V, X[idx], keep, cfg)
+        if arm == "teacher":
+            P, Q, V = train_step(P, Q, V, X[idx], keep, cfg)
+        else:
+            P, D, V = train_step_free(P, D, V, X[idx], keep, cfg)
+            Q = P - D
+        if keep_weights:
+            out["weights"][it] = P
 
         first = torch.randint(0, n_total, (cfg.probe_batch,), generator=g)
         second = sequence_partners(first, cfg.points_per_cluster, cfg.clusters, g)   # (3, B)
@@ -303,8 +335,8 @@ def run_one(cfg: LinearModelConfig, run: int) -> dict[str, Tensor]:
     return out
 
 
-def run_linear_model(cfg: LinearModelConfig,
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+def run_linear_model(cfg: LinearModelConfig, progress: Callable[[int, int], None] | None = None,
+                     arm: str = "teacher") -> dict[str, np.ndarray]:
     """All runs: ``{quantity: (runs, iterations, 3) array}`` for lc_norm, lr_norm, cos, input_cos."""
     cfg.validate()
     per_run = []
@@ -313,7 +345,7 @@ def run_linear_model(cfg: LinearModelConfig,
     torch.set_num_threads(1)
     try:
         for r in range(cfg.runs):
-            per_run.append(run_one(cfg, r))
+            per_run.append(run_one(cfg, r, arm))
             if progress is not None:
                 progress(r + 1, cfg.runs)
     finally:
@@ -354,8 +386,10 @@ def summarize(curves: dict[str, np.ndarray], cfg: LinearModelConfig) -> dict:
     }
 
 
-def write_outputs(out_dir: Path, curves: dict[str, np.ndarray], cfg: LinearModelConfig) -> tuple[Path, Path, dict]:
-    """Write ``linear_model.png`` (Fig. 2 a-c), ``summary.json`` and ``curves.npz`` into ``out_dir``."""
+def write_outputs(out_dir: Path, curves: dict[str, np.ndarray], cfg: LinearModelConfig,
+                  free: dict[str, np.ndarray] | None = None) -> tuple[Path, Path, dict]:
+    """Write ``linear_model.png`` (Fig. 2 a-c), ``summary.json`` and ``curves.npz`` into ``out_dir``; with the
+    teacher-free arm's curves ``free``, they are drawn over the teacher's (dashed) and compared in the summary."""
     import json
 
     from mimkit.analysis.plots import save_curves_figure
@@ -363,12 +397,17 @@ def write_outputs(out_dir: Path, curves: dict[str, np.ndarray], cfg: LinearModel
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(curves, cfg)
+    if free is not None:
+        diff = max(float(np.max(np.abs(free[q] - curves[q]) / (np.abs(curves[q]) + 1e-12))) for q in curves)
+        summary["teacher_free"] = {"arm": "rc-mae-free: D <- alpha (D + Delta), grad L_c = D A, no teacher",
+                                   "max_relative_curve_difference": diff}
     cov = f"Wishart df {cfg.df}" + (" / df" if cfg.cov_normalize else "")
     title = (f"linear model (dim {cfg.dim}, {cfg.clusters} clusters, {cov}): {cfg.runs} runs, "
              f"lr {cfg.lr:g}, SGD momentum {cfg.sgd_momentum:g}, teacher alpha {cfg.teacher_momentum:g}, "
              f"probe step {cfg.probe_step}; mean +- std over runs")
-    png = save_curves_figure(curves, out_dir / "linear_model.png", title)
+    png = save_curves_figure(curves, out_dir / "linear_model.png", title, overlay=free)
     js = out_dir / "summary.json"
     js.write_text(json.dumps(summary, indent=2) + "\n")
-    np.savez_compressed(out_dir / "curves.npz", types=np.array(SEQUENCE_TYPES), **curves)
+    np.savez_compressed(out_dir / "curves.npz", types=np.array(SEQUENCE_TYPES), **curves,
+                        **{f"free_{k}": v for k, v in (free or {}).items()})
     return png, js, summary

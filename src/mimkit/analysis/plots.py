@@ -32,11 +32,13 @@ def _save(fig, out_png: Path, dpi: int = 90) -> Path:
     return out_png
 
 
-def save_curves_figure(curves: dict[str, np.ndarray], out_png: Path, title: str, letters: str = "abc") -> Path:
+def save_curves_figure(curves: dict[str, np.ndarray], out_png: Path, title: str, letters: str = "abc",
+                       overlay: dict[str, np.ndarray] | None = None) -> Path:
     """Fig. 2 (a-c) style: one panel per quantity, value vs training iteration.
 
     ``curves[q]`` has shape (runs, iterations, 3): the per-iteration mean over the probe points of each
     run. Lines are the mean over runs, bands +- one standard deviation over runs (none with one run).
+    ``overlay`` (same shapes, e.g. the teacher-free arm) is drawn over them as dashed black lines.
     """
     fig = _figure(13.0, 3.6)
     axes = fig.subplots(1, 3)
@@ -49,6 +51,9 @@ def save_curves_figure(curves: dict[str, np.ndarray], out_png: Path, title: str,
             if arr.shape[0] > 1:
                 std = arr[:, :, i].std(0)
                 ax.fill_between(x, mean - std, mean + std, color=COLORS[t], alpha=0.2, linewidth=0)
+            if overlay is not None:
+                ax.plot(x, np.asarray(overlay[key], dtype=np.float64)[:, :, i].mean(0), color="black",
+                        linewidth=0.8, linestyle=(0, (3, 3)), label="teacher-free (rc-mae-free)" if i == 0 else None)
         if key == "cos":
             ax.axhline(0.0, color="black", linewidth=0.6)
         ax.set_xlabel("training iteration")

@@ -6,7 +6,7 @@ from mimkit.errors import MimkitError
 from mimkit.methods.base import Method, Progress, StepOutput
 from mimkit.models.vit import resolve_model_spec
 
-METHODS = ("mae", "rc-mae", "sdae")
+METHODS = ("mae", "rc-mae", "sdae", "rc-mae-free")
 
 
 def build_method(cfg, in_chans: int) -> Method:
@@ -24,6 +24,12 @@ def build_method(cfg, in_chans: int) -> Method:
         schedule = momentum_schedule_from(m)
         return RCMAE(spec, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, mask_mode=m.mask_mode,
                      gamma=m.gamma, momentum=schedule, grad_align_every=m.grad_align_every)
+    if m.name == "rc-mae-free":
+        from mimkit.methods.rc_mae_free import RCMAEFree
+        from mimkit.teacher import momentum_schedule_from
+
+        return RCMAEFree(spec, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, gamma=m.gamma,
+                         momentum=momentum_schedule_from(m), correction_tokens=m.correction_tokens)
     if m.name == "sdae":
         from mimkit.methods.sdae import build_sdae
 
