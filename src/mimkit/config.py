@@ -95,6 +95,7 @@ class TrainConfig:
     seed: int = 0                      # seed of the initialisation, data order, crops and masks
     deterministic: bool = False        # deterministic algorithms (bit-exact replays; slower on CUDA)
     ckpt_every: int = 20               # epochs between kept checkpoints (last.pt is written every epoch)
+    ckpt_every_steps: int = 0          # also last.pt every N optimiser steps, resumable mid-epoch (0 = off)
     precision: str = "auto"            # auto | fp32 | bf16 | fp16 (autocast on CUDA only)
     log_every: int = 10                # optimiser steps between metrics.jsonl lines
     pictures_every: int = 0            # epochs between reconstruction PNGs (0 = only at the end)
@@ -342,6 +343,9 @@ def validate(cfg: Config) -> None:
     if t.warmup_epochs < 0:
         raise MimkitError(f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
     if len(t.betas) != 2:
+    if isinstance(t.ckpt_every_steps, bool) or not isinstance(t.ckpt_every_steps, int) or t.ckpt_every_steps < 0:
+        raise MimkitError(f"train.ckpt_every_steps must be an integer >= 0 (0 = checkpoints at epoch ends only), "
+                          f"got {t.ckpt_every_steps!r}")
         raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
     if cfg.data.in_memory_budget_gb < 0:
         raise MimkitError(f"data.in_memory_budget_gb must be >= 0 (0 = never hold an image folder in memory), "

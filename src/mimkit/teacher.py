@@ -305,6 +305,15 @@ class TeacherHooks:
         self.update_teacher(m)
         return {"momentum": m}
 
+    def method_state_dict(self) -> dict:
+        """The momentum of the last EMA update (logged with every step until the next one): a resumed run logs
+        what the uninterrupted run logs (issue 14 item 7)."""
+        return {"last_momentum": float(self._last_momentum)}
+
+    def load_method_state_dict(self, state: dict) -> None:
+        if "last_momentum" in state:  # absent in checkpoints written before method_state existed
+            self._last_momentum = float(state["last_momentum"])
+
     def teacher_state_dict(self) -> dict[str, Tensor]:
         """The teacher's state, with the same keys as :meth:`ema_source`'s."""
         return self.teacher.module.state_dict()

@@ -9,12 +9,12 @@ smoothing 0.1 (timm ``Mixup`` + ``SoftTargetCrossEntropy``), global average pool
 Exact resume, as pre-training: the epoch's image order and every image's augmentation are functions of
 (seed, epoch, index); the global RNGs (drop path, mixup, random erasing) are re-seeded at every epoch start;
 checkpoints are written at epoch ends. A run killed at any moment and resumed from ``last.pt`` replays the
-interrupted epoch exactly.
+interrupted epoch exactly. The step itself (accumulation, precision, clipping, logging, checkpoints, resume) is
+:mod:`mimkit.train.engine`'s, shared with pre-training; :class:`FinetuneTask` says what a step and an epoch end are.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import statistics
@@ -29,7 +29,6 @@ import torch
 import yaml
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from tqdm.auto import tqdm
 
 from mimkit.config import parse_override
 from mimkit.errors import MimkitError
@@ -41,9 +40,11 @@ from mimkit.finetune.evaluate import evaluate_classifier
 from mimkit.finetune.model import ViTClassifier, layer_decay_groups
 from mimkit.models.vit import ViTEncoder
 from mimkit.runtime import datamodule_from_config, resolve_device
-from mimkit.train.checkpoint import atomic_save, load_checkpoint, make_checkpoint
-from mimkit.train.loop import autocast_dtype, epoch_seed, set_determinism, show_progress_default
-from mimkit.train.optim import adamw, effective_lr, lr_at, set_lr
+from mimkit.train.checkpoint import load_checkpoint, make_checkpoint
+from mimkit.train.engine import Engine, EpochEnd, Schedule
+from mimkit.train.loop import (autocast_dtype, epoch_seed, resolve_resume, set_determinism, show_progress_default,
+                               warn_schedule)
+from mimkit.train.optim import adamw, effective_lr
 from mimkit.train.runlog import RunLog, prepare_run_dir, truncate_metrics, write_json
 
 
@@ -102,12 +103,89 @@ def build_criterion(cfg: FinetuneConfig) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
+class FinetuneTask:
+    """What a fine-tuning step and epoch end are, for :class:`mimkit.train.engine.Engine`."""
+
+    edits_gradients = False
+
+    def __init__(self, finetuner: Finetuner, cfg: FinetuneConfig, model, data, batches: LabelledBatches, mixup,
+                 criterion, optimizer, scaler, device, log: RunLog, show: bool, extra: dict):
+        self.finetuner, self.cfg, self.model, self.data, self.loader = finetuner, cfg, model, data, batches
+        self.mixup, self.criterion, self.optimizer, self.scaler = mixup, criterion, optimizer, scaler
+        self.device, self.log, self.show, self.extra = device, log, show, extra
+        self._improved = False
+
+    def begin_epoch(self, epoch: int) -> None:
+        seed_all(epoch_seed(self.cfg.train.seed, epoch))
+        self.model.train()
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def batches(self, epoch: int, start: int):
+        if start:
+            raise MimkitError("fine-tuning checkpoints are written at epoch ends; a mid-epoch position cannot resume")
+        return self.loader.epoch(epoch, self.cfg.train.batch_size, self.cfg.train.seed, self.device)
+
+    def prepare(self, batch):
+        images, labels = batch
+        if self.mixup is None:
+            return (images, labels), images.shape[0]
+        if images.shape[0] % 2:  # an unreadable file made the batch odd; mixup pairs images
+            images, labels = images[:-1], labels[:-1]
+        images, targets = self.mixup(images, labels)
+        return (images, targets), images.shape[0]
+
+    def forward(self, batch, epoch: int, micro: int):
+        images, targets = batch
+        loss = self.criterion(self.model(images), targets)
+        return loss, {"loss": loss.detach().float().item()}
+
+    def clip_parameters(self):
+        return self.model.parameters()
+
+    def before_optimizer_step(self, progress) -> None:  # pragma: no cover - edits_gradients is False
+        pass
+
+    def after_optimizer_step(self, progress) -> dict[str, float]:
+        return {}
+
+    def end_epoch(self, epoch: int, step: int, epoch_means: dict[str, float]) -> EpochEnd:
+        cfg, extra, log, data = self.cfg, self.extra, self.log, self.data
+        done = epoch + 1
+        res = evaluate_classifier(self.model, data.eval_batches("test", cfg.eval.batch_size, self.device), self.show,
+                                  "test")
+        record = {"step": step, "epoch": epoch, "train_loss": epoch_means.get("loss", 0.0),
+                  "test_top1": res["top1"], "test_top5": res["top5"], "test_loss": res["loss"]}
+        log.metrics(record)
+        log.scalar("eval/top1", res["top1"], step)
+        extra["history"].append({"epoch": done, **{k: record[k] for k in ("train_loss", "test_top1", "test_top5")}})
+        improved = res["top1"] > extra["best"]["top1"]
+        if improved:
+            extra["best"] = {"top1": res["top1"], "top5": res["top5"], "epoch": done}
+        extra["classes"] = list(data.classes)
+        keep = (["best.pt"] if improved else []) + (
+            [f"epoch_{done:04d}.pt"] if cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0 else [])
+        return EpochEnd(f"train loss {record['train_loss']:.4f} test top-1 {res['top1']:.4f} top-5 {res['top5']:.4f}",
+                        keep)
+
+    def checkpoint(self, step: int, epochs_done: int, extra: dict) -> dict[str, Any]:
+        return make_checkpoint(method_name=FINETUNE_METHOD, config=settings.to_dict(self.cfg),
+                               student=self.model.state_dict(), teacher=None, optimizer=self.optimizer.state_dict(),
+                               scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                               global_step=step, epoch=epochs_done, extra=extra)
+
+    def after_checkpoint(self, epochs_done: int) -> None:
+        if self.finetuner.after_epoch is not None:
+            self.finetuner.after_epoch(epochs_done)
+
+
 @dataclass
 class Finetuner:
     cfg: FinetuneConfig
     run_dir: Path
     init: Init = Init()
-    resume: bool = False
+    resume: bool | str = False                      # True, False or "auto" (resume when last.pt exists)
     overrides: tuple[str, ...] = ()                 # --set items, re-applied over the saved config on resume
     pretrained_ckpt: dict | None = None             # already-loaded pre-training checkpoint (avoids a reload)
     show_progress: bool | None = None
@@ -116,6 +194,7 @@ class Finetuner:
 
     def run(self) -> dict[str, Any]:
         cfg, init, state = self.cfg, self.init, None
+        self.resume = resolve_resume(Path(self.run_dir), self.resume)
         if self.resume:
             last = Path(self.run_dir) / "checkpoints" / "last.pt"
             if not last.is_file():
@@ -211,86 +290,20 @@ class Finetuner:
                  f"warmup {warmup_steps} steps")
 
         wall_before = float(extra.get("wall_time_s", 0.0))
-        rates: list[float] = list(extra.get("imgs_per_s_history", []))
-        for epoch in range(start_epoch, tr.epochs):
-            seed_all(epoch_seed(tr.seed, epoch))
-            model.train()
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tr.epochs}", disable=not show, leave=False)
-            window, window_n, window_imgs, window_t0 = 0.0, 0, 0, time.perf_counter()
-            epoch_loss, epoch_n = 0.0, 0
-            for micro, (images, labels) in enumerate(batches.epoch(epoch, tr.batch_size, tr.seed, device)):
-                if micro >= steps_per_epoch * tr.accum_steps:
-                    break
-                if mixup is not None:
-                    if images.shape[0] % 2:  # an unreadable file made the batch odd; mixup pairs images
-                        images, labels = images[:-1], labels[:-1]
-                    images, targets = mixup(images, labels)
-                else:
-                    targets = labels
-                ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-                with ctx:
-                    loss = criterion(model(images), targets)
-                scaler.scale(loss / tr.accum_steps).backward()
-                loss_value = loss.detach().float().item()
-                window, window_n, window_imgs = window + loss_value, window_n + 1, window_imgs + images.shape[0]
-                epoch_loss, epoch_n = epoch_loss + loss_value, epoch_n + 1
-                if (micro + 1) % tr.accum_steps:
-                    continue
-                lr = lr_at(step, total_steps, warmup_steps, peak_lr, tr.min_lr)
-                set_lr(optimizer, lr)
-                if tr.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tr.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                if step % tr.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_t0
-                    record = {"step": step, "epoch": epoch, "lr": lr, "loss": window / window_n,
-                              "imgs_per_s": window_imgs / max(elapsed, 1e-9)}
-                    if not np.isfinite(record["loss"]):
-                        raise MimkitError(
-                            f"loss became non-finite at step {step} (epoch {epoch + 1}); the last checkpoint "
-                            f"{run_dir / 'checkpoints' / 'last.pt'} is intact: resume with a lower train.blr, "
-                            "train.clip_grad, or precision=fp32")
-                    log.metrics(record)
-                    rates.append(record["imgs_per_s"])
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                    window, window_n, window_imgs, window_t0 = 0.0, 0, 0, time.perf_counter()
-            bar.close()
-            optimizer.zero_grad(set_to_none=True)
-            done = epoch + 1
-            res = evaluate_classifier(model, data.eval_batches("test", cfg.eval.batch_size, device), show, "test")
-            record = {"step": step, "epoch": epoch, "train_loss": epoch_loss / max(epoch_n, 1),
-                      "test_top1": res["top1"], "test_top5": res["top5"], "test_loss": res["loss"]}
-            log.metrics(record)
-            log.scalar("eval/top1", res["top1"], step)
-            extra["history"].append({"epoch": done, **{k: record[k] for k in ("train_loss", "test_top1", "test_top5")}})
-            improved = res["top1"] > extra["best"]["top1"]
-            if improved:
-                extra["best"] = {"top1": res["top1"], "top5": res["top5"], "epoch": done}
-            extra.update(imgs_per_s_history=rates[-1000:], wall_time_s=wall_before + time.time() - t_start,
-                         classes=list(data.classes))
-            ckpt = make_checkpoint(method_name=FINETUNE_METHOD, config=settings.to_dict(cfg),
-                                   student=model.state_dict(), teacher=None, optimizer=optimizer.state_dict(),
-                                   scaler=scaler.state_dict() if scaler.is_enabled() else None, global_step=step,
-                                   epoch=done, extra=extra)
-            atomic_save(ckpt, run_dir / "checkpoints" / "last.pt")
-            if improved:
-                atomic_save(ckpt, run_dir / "checkpoints" / "best.pt")
-            if tr.ckpt_every and done % tr.ckpt_every == 0:
-                atomic_save(ckpt, run_dir / "checkpoints" / f"epoch_{done:04d}.pt")
-            log.info(f"epoch {done}/{tr.epochs} step {step} train loss {record['train_loss']:.4f} "
-                     f"test top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} ({time.time() - t_start:.0f}s)")
-            if self.after_epoch is not None:
-                self.after_epoch(done)
+        schedule = Schedule(tr.epochs, steps_per_epoch, tr.accum_steps, peak_lr, tr.min_lr, warmup_steps,
+                            tr.log_every, tr.clip_grad)
+        warn_schedule(schedule, log.info)
+        task = FinetuneTask(self, cfg, model, data, batches, mixup, criterion, optimizer, scaler, device, log, show,
+                            extra)
+        engine = Engine(task, schedule, optimizer, scaler, amp_dtype, device, log, run_dir, show=show,
+                        wall_before=wall_before, t_start=t_start, extra=extra)
+        step = engine.run(start_epoch, step, state)
+        rates = engine.rates
 
         last = extra["history"][-1] if extra["history"] else {}
         summary = {
             "init": extra["init"], "epochs": tr.epochs, "steps": step, "peak_lr": peak_lr,
-            "top1": last.get("test_top1"), "top5": last.get("test_top5"),
+            "lr_reached": schedule.lr_reached(), "top1": last.get("test_top1"), "top5": last.get("test_top5"),
             "best_top1": extra["best"]["top1"], "best_top5": extra["best"].get("top5"),
             "best_epoch": extra["best"]["epoch"],
             "history": extra["history"], "num_classes": num_classes, "train_images": data.num_train,
@@ -306,13 +319,15 @@ class Finetuner:
         return summary
 
 
-def finetune(cfg: FinetuneConfig, output: str | os.PathLike, *, init: Init = Init(), resume: bool = False,
+def finetune(cfg: FinetuneConfig, output: str | os.PathLike, *, init: Init = Init(), resume: bool | str = False,
              overrides: tuple[str, ...] = (), pretrained_ckpt: dict | None = None, show_progress: bool | None = None,
              echo: bool = True, after_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Fine-tune per ``cfg`` into ``output`` (or continue it with ``resume``); returns the summary.
 
     ``after_epoch(done)`` runs after each epoch's checkpoints are written (a hook for tests and notebooks).
     """
+    if resume == "auto":
+        resume = resolve_resume(Path(output), resume)
     if not resume and init.checkpoint is None and not init.from_scratch:
         raise MimkitError("fine-tuning needs --checkpoint (a pre-training checkpoint) or --from-scratch")
     return Finetuner(cfg, Path(output), init, resume, tuple(overrides), pretrained_ckpt, show_progress, echo,

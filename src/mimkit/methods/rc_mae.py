@@ -127,6 +127,14 @@ class RCMAE(TeacherHooks, MAE):
         self._opt_steps = progress.step
         return super().after_optimizer_step(progress)
 
+    def method_state_dict(self) -> dict:
+        """The last momentum and the optimiser-step counter of the gradient-alignment monitor."""
+        return {**super().method_state_dict(), "opt_steps": int(self._opt_steps)}
+
+    def load_method_state_dict(self, state: dict) -> None:
+        super().load_method_state_dict(state)
+        self._opt_steps = int(state.get("opt_steps", self._opt_steps))
+
     # -- encoders / checkpoints ---------------------------------------------------------------------
     def encoder(self, which: Which = "student"):
         if which == "student":

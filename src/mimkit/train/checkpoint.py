@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,33 @@ def atomic_save(obj: Any, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` (a hard link, no second copy on disk), atomically.
+
+    Safe with :func:`atomic_save`: a later save of ``src`` renames a new file over it, so the inode ``dst``
+    points at is never modified. Where hard links are not supported the bytes are copied (atomically too).
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(dst.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -75,8 +102,12 @@ def _to_tuple(x):
 
 
 def make_checkpoint(*, method_name: str, config: dict, student: dict, teacher: dict | None, optimizer: dict | None,
-                    scaler: dict | None, global_step: int, epoch: int, extra: dict | None = None) -> dict[str, Any]:
-    """``epoch`` = number of finished epochs; ``global_step`` = optimiser steps taken."""
+                    scaler: dict | None, global_step: int, epoch: int, extra: dict | None = None,
+                    method_state: dict | None = None) -> dict[str, Any]:
+    """``epoch`` = number of finished epochs; ``global_step`` = optimiser steps taken; ``method_state`` = the
+    method's non-weight state (:meth:`Method.method_state_dict`; checkpoints written before it existed lack the
+    key and load as ``{}``). A checkpoint written inside an epoch also has ``epoch_micro`` (the next micro-batch
+    of epoch ``epoch``) and ``engine`` (the open metrics windows), see :mod:`mimkit.train.engine`."""
     return {
         "format": FORMAT,
         "version": __version__,
@@ -90,6 +121,7 @@ def make_checkpoint(*, method_name: str, config: dict, student: dict, teacher: d
         "epoch": epoch,
         "rng": rng_state(),
         "extra": extra or {},
+        "method_state": method_state or {},
     }
 
 

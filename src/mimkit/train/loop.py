@@ -1,14 +1,18 @@
-"""The method-agnostic pre-training loop: epochs, accumulation, precision, logging, checkpoints, resume.
+"""Pre-training: builds the method, data and optimiser from a config and runs them on the training engine.
+
+The step itself (accumulation, precision, clipping, hooks, logging, step/epoch checkpoints, exact resume) lives in
+:mod:`mimkit.train.engine`; this module says what a pre-training step and epoch end are (masks per micro-batch, the
+method's EMA hooks, kNN and pictures) and what the run folder holds.
 
 Determinism and exact resume: every source of randomness is a function of (seed, epoch[, batch]):
 the data order and augmentation come from generators seeded per epoch/batch, and the global RNG
-(masks, drop path) is re-seeded at the start of every epoch. Checkpoints are written at epoch ends,
-so a run killed at any moment and resumed from ``last.pt`` replays the interrupted epoch exactly.
+(drop path) is re-seeded at the start of every epoch; masks come from a generator per micro-batch. A run
+killed at any moment and resumed from ``last.pt`` replays the interrupted epoch (or, after a
+``train.ckpt_every_steps`` checkpoint, the rest of it) exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import statistics
@@ -21,7 +25,6 @@ from typing import Any
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
 from mimkit.config import Config, config_from_dict, parse_override, set_value
 from mimkit.errors import MimkitError
@@ -31,13 +34,13 @@ from mimkit.methods import Method, Progress, build_method
 from mimkit.models.vit import compile_blocks
 from mimkit.methods.base import StepRandom
 from mimkit.runtime import datamodule_from_config, resolve_device
-from mimkit.train.distributed import (DistEnv, gather_tensors, init_distributed, mean_over_ranks, on_main, shutdown,
+from mimkit.train.distributed import (DistEnv, gather_tensors, init_distributed, on_main, shutdown,
                                       spread_over_ranks)
-from mimkit.train.checkpoint import atomic_save, load_checkpoint, make_checkpoint, set_rng_state
-from mimkit.train.optim import build_adamw, effective_lr, lr_at, set_lr
+from mimkit.train.checkpoint import load_checkpoint, make_checkpoint, set_rng_state
+from mimkit.train.engine import Engine, EpochEnd, Schedule
+from mimkit.train.optim import build_adamw, effective_lr
 from mimkit.train.runlog import RunLog, prepare_run_dir, truncate_metrics, write_json
 from mimkit.viz import save_reconstruction_grid
-
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None = fp32. Autocast only on CUDA: bf16 is very slow on CPUs without AVX-512/AMX."""
@@ -66,13 +69,103 @@ def show_progress_default() -> bool:
     return sys.stderr.isatty()
 
 
+def resolve_resume(run_dir: Path, resume: bool | str) -> bool:
+    """``resume="auto"`` (``--auto-resume``): continue from ``checkpoints/last.pt`` when it exists, else start fresh."""
+    if resume == "auto":
+        return (Path(run_dir) / "checkpoints" / "last.pt").is_file()
+    return bool(resume)
+
+
+class PretrainTask:
+    """What a pre-training step and epoch end are, for :class:`mimkit.train.engine.Engine`."""
+
+    def __init__(self, trainer: Trainer, cfg: Config, method: Method, model, data, env: DistEnv, device,
+                 log: RunLog, run_dir: Path, eval_which: str, show: bool, pictures, optimizer, scaler,
+                 schedule: Schedule):
+        self.trainer, self.cfg, self.method, self.model, self.data = trainer, cfg, method, model, data
+        self.env, self.device, self.log, self.run_dir = env, device, log, run_dir
+        self.eval_which, self.show, self.pictures = eval_which, show, pictures
+        self.optimizer, self.scaler, self.schedule = optimizer, scaler, schedule
+        self.edits_gradients = method.edits_gradients
+        self.engine: Engine | None = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        torch.manual_seed(epoch_seed(self.cfg.train.seed, epoch))
+        self.method.train()
+
+    def train_mode(self) -> None:
+        self.method.train()
+
+    def batches(self, epoch: int, start: int):
+        tr = self.cfg.train
+        return self.data.train_batches(epoch, tr.batch_size, tr.seed, self.device, rank=self.env.rank,
+                                       world_size=self.env.world_size, start=start)
+
+    def prepare(self, images):
+        return images, images.shape[0]
+
+    def forward(self, images, epoch: int, micro: int):
+        # masks drawn for the global batch, this rank's rows: same run whatever the process count
+        self.method.step_random = StepRandom(mix_seed(self.cfg.train.seed, epoch, micro), self.env.rank,
+                                             self.env.world_size)
+        out = self.model(images)
+        metrics = {k: v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                   for k, v in {"loss": out.loss, **out.metrics}.items()}
+        return out.loss, metrics
+
+    def clip_parameters(self):
+        return list(self.method.student_parameters())
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        self.method.before_optimizer_step(progress)
+
+    def after_optimizer_step(self, progress: Progress) -> dict[str, float]:
+        return self.method.after_optimizer_step(progress)
+
+    def end_epoch(self, epoch: int, step: int, epoch_means: dict[str, float]) -> EpochEnd:
+        cfg, tr, method, env, log = self.cfg, self.cfg.train, self.method, self.env, self.log
+        s = self.schedule
+        done = epoch + 1
+        after_epoch = method.after_epoch(Progress(step, done, s.steps_per_epoch, s.total_steps, tr.epochs))
+        if env.enabled and method.teacher_state_dict() is not None:
+            spread = spread_over_ranks(sum(float(v.double().sum()) for v in method.teacher_state_dict().values()), env)
+            if spread != 0.0:
+                log.info(f"warning: teacher weights differ across ranks after epoch {done} (checksum spread {spread:g})")
+        if after_epoch:
+            log.metrics({"step": step, "epoch": epoch, **{k: float(v) for k, v in after_epoch.items()}})
+        has_labels = self.data.classes is not None and self.data.has_test
+        if cfg.eval.knn_every and done % cfg.eval.knn_every == 0 and done < tr.epochs and has_labels:
+            res = self.trainer._knn(method, self.data, cfg, self.device, self.eval_which, self.show, env)
+            log.metrics({"step": step, "epoch": epoch, **res})
+            log.scalar("eval/knn_top1", res["knn_top1"], step)
+            log.info(f"epoch {done}: kNN top-1 {res['knn_top1']:.4f}")
+        if tr.pictures_every and done % tr.pictures_every == 0 and done < tr.epochs and env.is_main:
+            self.trainer._pictures(method, self.pictures, self.data,
+                                   self.run_dir / "reconstructions" / f"epoch_{done:04d}.png", self.eval_which)
+        keep = [f"epoch_{done:04d}.pt"] if done % tr.ckpt_every == 0 or done == tr.epochs else []
+        loss = self.engine.last_record.get("loss") if self.engine is not None else None
+        return EpochEnd(f"loss {loss:.4f}" if loss is not None else "loss (nothing logged yet)", keep)
+
+    def checkpoint(self, step: int, epochs_done: int, extra: dict) -> dict[str, Any]:
+        method, scaler = self.method, self.scaler
+        return make_checkpoint(
+            method_name=method.name, config=self.cfg.to_dict(), student=method.student.state_dict(),
+            teacher=method.teacher_state_dict(), optimizer=self.optimizer.state_dict(),
+            scaler=scaler.state_dict() if scaler.is_enabled() else None, global_step=step, epoch=epochs_done,
+            extra=extra, method_state=method.method_state_dict(),
+        )
+
+    def after_checkpoint(self, epochs_done: int) -> None:
+        pass
+
+
 @dataclass
 class Trainer:
     """Builds everything from a config and runs pre-training into ``run_dir``."""
 
     cfg: Config
     run_dir: Path
-    resume: bool = False
+    resume: bool | str = False   # True, False or "auto" (resume when checkpoints/last.pt exists)
     show_progress: bool | None = None
     echo: bool = True
     cfg_overrides: tuple[str, ...] = ()  # --set items, re-applied over the saved config on resume
@@ -83,9 +176,10 @@ class Trainer:
         try:
             cfg = self.cfg
             run_dir = Path(self.run_dir)
-            on_main(env, lambda: prepare_run_dir(run_dir, self.resume))
+            resume = resolve_resume(run_dir, self.resume)
+            on_main(env, lambda: prepare_run_dir(run_dir, resume))
             ckpt, dropped = None, 0
-            if self.resume:
+            if resume:
                 ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
                 saved = config_from_dict(ckpt["config"])
                 # the saved config wins; only what the user overrides now (e.g. more epochs) changes
@@ -130,6 +224,8 @@ class Trainer:
         total_steps = steps_per_epoch * tr.epochs
         warmup_steps = round(tr.warmup_epochs * steps_per_epoch)
         optimizer = build_adamw(method.student.named_parameters(), peak_lr, tr.weight_decay, tr.betas)
+        schedule = Schedule(tr.epochs, steps_per_epoch, tr.accum_steps, peak_lr, tr.min_lr, warmup_steps,
+                            tr.log_every, tr.clip_grad, getattr(tr, "ckpt_every_steps", 0) or 0)
         amp_dtype = autocast_dtype(tr.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -138,11 +234,14 @@ class Trainer:
             method.student.load_state_dict(ckpt["student"])
             method.load_teacher_state_dict(ckpt["teacher"])
             optimizer.load_state_dict(ckpt["optimizer"])
+            method.load_method_state_dict(ckpt.get("method_state") or {})
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             start_epoch, step, extra = ckpt["epoch"], ckpt["global_step"], dict(ckpt.get("extra") or {})
             set_rng_state(ckpt["rng"])
-            log.info(f"resumed {run_dir} at epoch {start_epoch}, step {step}"
+            micro = int(ckpt.get("epoch_micro", 0))
+            log.info(f"resumed {run_dir} at epoch {start_epoch}" + (f" (micro-batch {micro} of epoch {start_epoch + 1})"
+                                                                   if micro else "") + f", step {step}"
                      + (f" (dropped {dropped} metrics lines logged after that checkpoint)" if dropped else ""))
         else:
             if tr.init_from:
@@ -167,6 +266,7 @@ class Trainer:
             f"{total_steps} steps, warmup {warmup_steps} steps"
         )
         if hasattr(method, "teacher_regime"):  # EMA teacher: does the run give it time to average the student?
+        warn_schedule(schedule, log.info)
             regime = method.teacher_regime(total_steps, steps_per_epoch, tr.epochs)
             log.info(regime.line())
             extra["teacher_regime"] = dataclasses.asdict(regime)
@@ -180,105 +280,15 @@ class Trainer:
 
         wall_before = float(extra.get("wall_time_s", 0.0))
         pictures = data.sample_images(8)
-        progress = Progress(step, start_epoch, steps_per_epoch, total_steps, tr.epochs)
-        step_times: list[float] = list(extra.get("imgs_per_s_history", []))
-        last_record: dict[str, Any] = dict(extra.get("last_record", {}))
-        for epoch in range(start_epoch, tr.epochs):
-            torch.manual_seed(epoch_seed(tr.seed, epoch))
-            method.train()
-            batches = data.train_batches(epoch, tr.batch_size, tr.seed, device, rank=env.rank, world_size=world_size)
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tr.epochs}", disable=not show, leave=False)
-            window: dict[str, tuple[torch.Tensor, int]] = {}
-            window_t0, window_imgs = time.perf_counter(), 0
-            for micro, images in enumerate(batches):
-                if micro >= steps_per_epoch * tr.accum_steps:
-                    break
-                # masks drawn for the global batch, this rank's rows: same run whatever the process count
-                method.step_random = StepRandom(mix_seed(tr.seed, epoch, micro), env.rank, world_size)
-                syncing = (micro + 1) % tr.accum_steps == 0
-                sync_ctx = model.no_sync() if env.enabled and not syncing else contextlib.nullcontext()
-                amp_ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-                with sync_ctx:
-                    with amp_ctx:
-                        out = model(images)
-                    scaler.scale(out.loss / tr.accum_steps).backward()
-                for k, v in {"loss": out.loss, **out.metrics}.items():  # summed; averaged per key when logged
-                    v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-                    total, count = window.get(k, (0.0, 0))
-                    window[k] = (total + v, count + 1)
-                window_imgs += images.shape[0]
-                if not syncing:
-                    continue  # accumulation micro-step: no optimiser step, no EMA update
-                lr = lr_at(step, total_steps, warmup_steps, peak_lr, tr.min_lr)
-                set_lr(optimizer, lr)
-                if tr.clip_grad or method.edits_gradients:
-                    scaler.unscale_(optimizer)
-                if method.edits_gradients:  # e.g. rc-mae-free: a correction added to the final gradients
-                    method.before_optimizer_step(Progress(step + 1, epoch, steps_per_epoch, total_steps, tr.epochs))
-                if tr.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(list(method.student_parameters()), tr.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                progress = Progress(step, epoch, steps_per_epoch, total_steps, tr.epochs)
-                after = method.after_optimizer_step(progress)
-                bar.update(1)
-                if step % tr.log_every == 0 or step == total_steps:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - window_t0
-                    record = {"step": step, "epoch": epoch, "lr": lr}
-                    means = {k: (total / count).item() for k, (total, count) in window.items()}
-                    record.update(mean_over_ranks(means, env, device))
-                    record.update({k: float(v) for k, v in after.items()})
-                    record["imgs_per_s"] = window_imgs * world_size / max(elapsed, 1e-9)
-                    if not all(torch.isfinite(torch.tensor(v)) for v in record.values() if isinstance(v, float)):
-                        raise MimkitError(
-                            f"loss became non-finite at step {step} (epoch {epoch + 1}); the last checkpoint "
-                            f"{run_dir / 'checkpoints' / 'last.pt'} is intact: resume with a lower train.blr or "
-                            "train.clip_grad, or precision=fp32"
-                        )
-                    log.metrics(record)
-                    step_times.append(record["imgs_per_s"])
-                    last_record = record
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                    window, window_t0, window_imgs = {}, time.perf_counter(), 0
-            bar.close()
-            optimizer.zero_grad(set_to_none=True)  # drop a trailing partial accumulation
-            done = epoch + 1
-            progress = Progress(step, done, steps_per_epoch, total_steps, tr.epochs)
-            after_epoch = method.after_epoch(progress)
-            if env.enabled and method.teacher_state_dict() is not None:
-                spread = spread_over_ranks(sum(float(v.double().sum()) for v in method.teacher_state_dict().values()), env)
-                if spread != 0.0:
-                    log.info(f"warning: teacher weights differ across ranks after epoch {done} (checksum spread {spread:g})")
-            if after_epoch:
-                log.metrics({"step": step, "epoch": epoch, **{k: float(v) for k, v in after_epoch.items()}})
-            if cfg.eval.knn_every and done % cfg.eval.knn_every == 0 and done < tr.epochs and has_labels:
-                res = self._knn(method, data, cfg, device, eval_which, show, env)
-                log.metrics({"step": step, "epoch": epoch, **res})
-                log.scalar("eval/knn_top1", res["knn_top1"], step)
-                log.info(f"epoch {done}: kNN top-1 {res['knn_top1']:.4f}")
-            if tr.pictures_every and done % tr.pictures_every == 0 and done < tr.epochs and env.is_main:
-                self._pictures(method, pictures, data, run_dir / "reconstructions" / f"epoch_{done:04d}.png", eval_which)
-            extra.update(imgs_per_s_history=step_times[-1000:], last_record=last_record,
-                         wall_time_s=wall_before + time.time() - t_start)
-            state = make_checkpoint(
-                method_name=method.name, config=cfg.to_dict(), student=method.student.state_dict(),
-                teacher=method.teacher_state_dict(), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict() if scaler.is_enabled() else None, global_step=step, epoch=done,
-                extra=extra,
-            )
-            if env.is_main:
-                atomic_save(state, run_dir / "checkpoints" / "last.pt")
-                if done % tr.ckpt_every == 0 or done == tr.epochs:
-                    atomic_save(state, run_dir / "checkpoints" / f"epoch_{done:04d}.pt")
-            log.info(f"epoch {done}/{tr.epochs} step {step} loss {last_record.get('loss', float('nan')):.4f} "
-                     f"({time.time() - t_start:.0f}s)")
-
-        return self._finish(cfg, method, data, device, run_dir, log, extra, last_record, step_times, pictures,
-                            eval_which, show, wall_before - t_start, step, peak_lr, env)
+        task = PretrainTask(self, cfg, method, model, data, env, device, log, run_dir, eval_which, show, pictures,
+                            optimizer, scaler, schedule)
+        engine = Engine(task, schedule, optimizer, scaler, amp_dtype, device, log, run_dir, env=env,
+                        no_sync=model.no_sync if env.enabled else None, show=show, wall_before=wall_before,
+                        t_start=t_start, extra=extra)
+        task.engine = engine
+        step = engine.run(start_epoch, step, ckpt)
+        return self._finish(cfg, method, data, device, run_dir, log, extra, engine.last_record, engine.rates,
+                            pictures, eval_which, show, wall_before - t_start, step, schedule, env)
 
     # ------------------------------------------------------------------------------------------------
     def _knn(self, method: Method, data, cfg: Config, device, which: str, show: bool, env: DistEnv) -> dict[str, float]:
@@ -290,9 +300,10 @@ class Trainer:
         return save_reconstruction_grid(method, images, path, data.mean, data.std, seed=0, which=which)
 
     def _finish(self, cfg, method, data, device, run_dir, log, extra, last_record, step_times, pictures, which, show,
-                wall_offset, step, peak_lr, env) -> dict[str, Any]:
+                wall_offset, step, schedule: Schedule, env) -> dict[str, Any]:
         summary: dict[str, Any] = {
-            "method": method.name, "epochs": cfg.train.epochs, "steps": step, "peak_lr": peak_lr,
+            "method": method.name, "epochs": cfg.train.epochs, "steps": step, "peak_lr": schedule.peak_lr,
+            "lr_reached": schedule.lr_reached(),
             "final_loss": last_record.get("loss"), "eval_which": which,
             "imgs_per_s_median": statistics.median(step_times) if step_times else None,
             "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
@@ -301,14 +312,21 @@ class Trainer:
             if key in last_record:
                 summary[f"final_{key}"] = last_record[key]
         if "knn_top1_init" in extra:
+        teacher = method.teacher_state_dict() is not None
             summary["knn_top1_init"] = extra["knn_top1_init"]
         if "teacher_regime" in extra:
+            if teacher:  # the teacher starts as an exact copy of the student: one measurement is both
+                summary["knn_top1_init_teacher"] = summary["knn_top1_init_student"] = extra["knn_top1_init"]
             summary["teacher_regime"] = extra["teacher_regime"]
         if data.classes is not None and data.has_test:
             res = self._knn(method, data, cfg, device, which, show, env)
             summary.update(res)
             log.scalar("eval/knn_top1", res["knn_top1"], step)
         if not env.is_main:
+            if teacher:  # both encoders of a teacher method (issue 17 item 4)
+                other = "student" if which == "teacher" else "teacher"
+                summary[f"knn_top1_{which}"] = res["knn_top1"]
+                summary[f"knn_top1_{other}"] = self._knn(method, data, cfg, device, other, show, env)["knn_top1"]
             return summary
         png = self._pictures(method, pictures, data, run_dir / "reconstructions" / "final.png", which)
         if png is not None:
@@ -319,16 +337,31 @@ class Trainer:
         write_json(run_dir / "summary.json", summary)
         if "knn_top1" in summary:
             init = summary.get("knn_top1_init")
-            gain = f" (at initialisation {init:.4f}, +{100 * (summary['knn_top1'] - init):.1f} points)" if init is not None else ""
+            gain = f" (at initialisation {init:.4f}, {100 * (summary['knn_top1'] - init):+.1f} points)" if init is not None else ""
             log.info(f"kNN top-1 ({which} encoder, k={cfg.eval.knn_k}): {summary['knn_top1']:.4f}{gain}")
         log.info(f"run folder: {run_dir}")
+            for name in ("teacher", "student"):
+                if teacher and name != which and f"knn_top1_{name}" in summary:
+                    log.info(f"kNN top-1 ({name} encoder, k={cfg.eval.knn_k}): {summary[f'knn_top1_{name}']:.4f}")
         log.info(f"checkpoint: {summary['checkpoint']}")
         if png is not None:
             log.info(f"reconstructions: {png}")
         return summary
 
 
-def pretrain(cfg: Config, output: str | os.PathLike, *, resume: bool = False, overrides: tuple[str, ...] = (),
+def warn_schedule(schedule: Schedule, info) -> None:
+    """Warn when the warm-up outlasts the run (the lr never reaches its peak) or when epochs are too short to log."""
+    if schedule.warmup_steps > schedule.total_steps:
+        info(f"warning: the warm-up ({schedule.warmup_steps} steps) is longer than the run ({schedule.total_steps} "
+             f"steps): the lr only reaches {schedule.lr_reached():.3g} of its peak {schedule.peak_lr:.3g}; lower "
+             "train.warmup_epochs (e.g. --set train.warmup_epochs=1) for a short run")
+    if schedule.log_every > schedule.steps_per_epoch:
+        info(f"note: train.log_every={schedule.log_every} is longer than an epoch ({schedule.steps_per_epoch} steps); "
+             f"logging every {schedule.log_interval} steps so that every epoch is logged")
+
+
+def pretrain(cfg: Config, output: str | os.PathLike, *, resume: bool | str = False, overrides: tuple[str, ...] = (),
              show_progress: bool | None = None, echo: bool = True) -> dict[str, Any]:
-    """Pre-train per ``cfg`` into ``output`` (or continue it with ``resume``); returns the summary."""
+    """Pre-train per ``cfg`` into ``output`` (or continue it with ``resume``; ``"auto"``: continue when
+    ``checkpoints/last.pt`` exists, else start fresh); returns the summary."""
     return Trainer(cfg, Path(output), resume, show_progress, echo, tuple(overrides)).run()

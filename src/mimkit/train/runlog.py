@@ -23,6 +23,8 @@ def prepare_run_dir(output: Path, resume: bool) -> Path:
     if output.exists() and not output.is_dir():
         raise MimkitError(f"output {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()):
+    if output.is_dir() and _failed_start(output):  # a run that stopped before its first checkpoint: start again
+        _clear_failed_start(output)
         raise MimkitError(
             f"output folder {output} is not empty; pass --resume to continue that run or choose another --output"
         )
@@ -31,6 +33,33 @@ def prepare_run_dir(output: Path, resume: bool) -> Path:
 
 
 class RunLog:
+#: what a run writes before its first checkpoint (a folder holding only these, and no checkpoint, is a failed start)
+_START_FILES = ("train.log", "train.log.failed", "metrics.jsonl", "config.yaml", "tb", "checkpoints")
+
+
+def _failed_start(output: Path) -> bool:
+    """True for a non-empty folder that holds only what a run writes before its first checkpoint."""
+    entries = list(output.iterdir())
+    if not entries or any(e.name not in _START_FILES for e in entries):
+        return False
+    ckpts = output / "checkpoints"
+    return not (ckpts.is_dir() and any(p.suffix == ".pt" for p in ckpts.iterdir()))
+
+
+def _clear_failed_start(output: Path) -> None:
+    """Remove the logs of a start that failed before any checkpoint (issue 17 item 15): its retry starts fresh.
+    The old train.log is kept as ``train.log.failed`` for reference."""
+    import shutil
+
+    for entry in output.iterdir():
+        if entry.name == "train.log":
+            os.replace(entry, output / "train.log.failed")
+        elif entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
     """Lines to stdout and ``train.log``; metrics to ``metrics.jsonl`` and TensorBoard (rank 0 only)."""
 
     def __init__(self, run_dir: Path | None, *, echo: bool = True, tensorboard: bool = True, purge_step: int | None = None):
