@@ -342,10 +342,10 @@ def validate(cfg: Config) -> None:
             raise MimkitError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     if t.warmup_epochs < 0:
         raise MimkitError(f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
-    if len(t.betas) != 2:
     if isinstance(t.ckpt_every_steps, bool) or not isinstance(t.ckpt_every_steps, int) or t.ckpt_every_steps < 0:
         raise MimkitError(f"train.ckpt_every_steps must be an integer >= 0 (0 = checkpoints at epoch ends only), "
                           f"got {t.ckpt_every_steps!r}")
+    if len(t.betas) != 2:
         raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
     if cfg.data.in_memory_budget_gb < 0:
         raise MimkitError(f"data.in_memory_budget_gb must be >= 0 (0 = never hold an image folder in memory), "

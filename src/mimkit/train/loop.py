@@ -223,9 +223,9 @@ class Trainer:
             )
         total_steps = steps_per_epoch * tr.epochs
         warmup_steps = round(tr.warmup_epochs * steps_per_epoch)
-        optimizer = build_adamw(method.student.named_parameters(), peak_lr, tr.weight_decay, tr.betas)
         schedule = Schedule(tr.epochs, steps_per_epoch, tr.accum_steps, peak_lr, tr.min_lr, warmup_steps,
                             tr.log_every, tr.clip_grad, getattr(tr, "ckpt_every_steps", 0) or 0)
+        optimizer = build_adamw(method.student.named_parameters(), peak_lr, tr.weight_decay, tr.betas)
         amp_dtype = autocast_dtype(tr.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -233,8 +233,8 @@ class Trainer:
         if ckpt is not None:
             method.student.load_state_dict(ckpt["student"])
             method.load_teacher_state_dict(ckpt["teacher"])
-            optimizer.load_state_dict(ckpt["optimizer"])
             method.load_method_state_dict(ckpt.get("method_state") or {})
+            optimizer.load_state_dict(ckpt["optimizer"])
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             start_epoch, step, extra = ckpt["epoch"], ckpt["global_step"], dict(ckpt.get("extra") or {})
@@ -265,8 +265,8 @@ class Trainer:
             f"{'; set directly by train.lr' if tr.lr is not None else ''}), {steps_per_epoch} steps/epoch, "
             f"{total_steps} steps, warmup {warmup_steps} steps"
         )
-        if hasattr(method, "teacher_regime"):  # EMA teacher: does the run give it time to average the student?
         warn_schedule(schedule, log.info)
+        if hasattr(method, "teacher_regime"):  # EMA teacher: does the run give it time to average the student?
             regime = method.teacher_regime(total_steps, steps_per_epoch, tr.epochs)
             log.info(regime.line())
             extra["teacher_regime"] = dataclasses.asdict(regime)
@@ -311,22 +311,22 @@ class Trainer:
         for key in ("loss_rec", "loss_cons"):
             if key in last_record:
                 summary[f"final_{key}"] = last_record[key]
-        if "knn_top1_init" in extra:
         teacher = method.teacher_state_dict() is not None
+        if "knn_top1_init" in extra:
             summary["knn_top1_init"] = extra["knn_top1_init"]
-        if "teacher_regime" in extra:
             if teacher:  # the teacher starts as an exact copy of the student: one measurement is both
                 summary["knn_top1_init_teacher"] = summary["knn_top1_init_student"] = extra["knn_top1_init"]
+        if "teacher_regime" in extra:
             summary["teacher_regime"] = extra["teacher_regime"]
         if data.classes is not None and data.has_test:
             res = self._knn(method, data, cfg, device, which, show, env)
             summary.update(res)
             log.scalar("eval/knn_top1", res["knn_top1"], step)
-        if not env.is_main:
             if teacher:  # both encoders of a teacher method (issue 17 item 4)
                 other = "student" if which == "teacher" else "teacher"
                 summary[f"knn_top1_{which}"] = res["knn_top1"]
                 summary[f"knn_top1_{other}"] = self._knn(method, data, cfg, device, other, show, env)["knn_top1"]
+        if not env.is_main:
             return summary
         png = self._pictures(method, pictures, data, run_dir / "reconstructions" / "final.png", which)
         if png is not None:
@@ -339,10 +339,10 @@ class Trainer:
             init = summary.get("knn_top1_init")
             gain = f" (at initialisation {init:.4f}, {100 * (summary['knn_top1'] - init):+.1f} points)" if init is not None else ""
             log.info(f"kNN top-1 ({which} encoder, k={cfg.eval.knn_k}): {summary['knn_top1']:.4f}{gain}")
-        log.info(f"run folder: {run_dir}")
             for name in ("teacher", "student"):
                 if teacher and name != which and f"knn_top1_{name}" in summary:
                     log.info(f"kNN top-1 ({name} encoder, k={cfg.eval.knn_k}): {summary[f'knn_top1_{name}']:.4f}")
+        log.info(f"run folder: {run_dir}")
         log.info(f"checkpoint: {summary['checkpoint']}")
         if png is not None:
             log.info(f"reconstructions: {png}")

@@ -22,9 +22,9 @@ def prepare_run_dir(output: Path, resume: bool) -> Path:
         return output
     if output.exists() and not output.is_dir():
         raise MimkitError(f"output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()):
     if output.is_dir() and _failed_start(output):  # a run that stopped before its first checkpoint: start again
         _clear_failed_start(output)
+    if output.is_dir() and any(output.iterdir()):
         raise MimkitError(
             f"output folder {output} is not empty; pass --resume to continue that run or choose another --output"
         )
@@ -32,7 +32,6 @@ def prepare_run_dir(output: Path, resume: bool) -> Path:
     return output
 
 
-class RunLog:
 #: what a run writes before its first checkpoint (a folder holding only these, and no checkpoint, is a failed start)
 _START_FILES = ("train.log", "train.log.failed", "metrics.jsonl", "config.yaml", "tb", "checkpoints")
 
@@ -60,6 +59,7 @@ def _clear_failed_start(output: Path) -> None:
             entry.unlink()
 
 
+class RunLog:
     """Lines to stdout and ``train.log``; metrics to ``metrics.jsonl`` and TensorBoard (rank 0 only)."""
 
     def __init__(self, run_dir: Path | None, *, echo: bool = True, tensorboard: bool = True, purge_step: int | None = None):
