@@ -135,3 +135,56 @@ def test_messages_name_config_keys(tmp_path):
                          cache_dir=tmp_path / "c")
     with pytest.raises(MimkitError, match="--set train.batch_size="):
         build_datamodule("demo", None, max_train=10).steps_per_epoch(64)
+
+
+def test_gains_are_signed_and_feature_extraction_reports_progress():
+    from mimkit.eval.knn import extract_features, format_gain
+
+    assert format_gain(0.700, 0.714) == "-1.4 points" and format_gain(0.8, 0.7) == "+10.0 points"
+    lines = []
+    enc = torch.nn.Module()
+    enc.forward_features = lambda x: x.flatten(1).unsqueeze(1).repeat(1, 2, 1)
+    batches = [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long)) for _ in range(3)]
+    f, y = extract_features(enc, batches, "cls", log=lines.append, total=12, log_every_s=0.0, desc="kNN bank")
+    assert f.shape == (12, 8) and len(lines) == 3
+    assert lines[-1].startswith("kNN bank: 12/12 images (") and "s left" in lines[0]
+
+
+def test_bench_prints_unless_asked_to_write_a_page(tmp_path, monkeypatch, capsys):
+    from mimkit.bench import main as bench_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mimkit.bench.measure_gemm_peak", lambda device: 1e9)  # the 2048^3 GEMM timing: not tested here
+    args = ["--img", "16", "--patch", "4", "--batch", "4", "--repeats", "1", "--warmup", "1", "--methods", "mae",
+            "--no-memory", "--no-gemm-profile", "--device", "cpu"]
+    assert bench_main(args) == 0
+    assert not (tmp_path / "docs").exists() and "printed only: --out docs/PERFORMANCE.md" in capsys.readouterr().out
+    assert bench_main([*args, "--out", "perf.md"]) == 0
+    assert (tmp_path / "perf.md").is_file() and f"wrote this section into {tmp_path / 'perf.md'}" in capsys.readouterr().out
+
+
+def test_help_and_pictures(tmp_path, capsys):
+    for argv in (["export", "--help"], ["eval", "knn", "--help"], ["visualize", "attention", "--help"],
+                 ["pretrain", "--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        text = capsys.readouterr().out
+        assert "train.epochs=5" not in text and "rc-mae.txt" not in text and "--bench-device" not in text, argv
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "knn", "--help"])
+    assert "the checkpoint's run folder" in " ".join(capsys.readouterr().out.split())
+    assert cli.main(["pretrain", "--config", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "pre-training presets: cifar10-vit-tiny, demo" in err and "fine-tuning presets (mimkit finetune): " in err
+    # reconstruction pictures carry column titles above the four panels
+    from mimkit.config import build_config
+    from mimkit.methods import build_method
+    from mimkit.viz import save_reconstruction_grid
+
+    cfg = build_config(None, ["method.name=mae", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
+                              "model.depth=1", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1",
+                              "model.decoder_heads=2"])
+    png = save_reconstruction_grid(build_method(cfg, 1), torch.randn(2, 1, 16, 16), tmp_path / "r.png", (0.5,), (0.5,))
+    im = np.asarray(Image.open(png).convert("L"))
+    body_h = 2 * (16 * 4 + 2) + 2
+    assert im.shape == (body_h + 14, 4 * (16 * 4 + 2) + 2) and im[:14].min() < 100  # dark title text on white

@@ -248,16 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_tiny", choices=sorted(VIT_SIZES))
-    p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--img", type=int, default=32)
-    p.add_argument("--chans", type=int, default=3)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--model", default="vit_tiny", choices=sorted(VIT_SIZES), help="encoder size (default vit_tiny)")
+    p.add_argument("--patch", type=int, default=4, help="patch size in pixels (default 4)")
+    p.add_argument("--img", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--chans", type=int, default=3, help="image channels (default 3)")
+    p.add_argument("--batch", type=int, default=128, help="images per training step (default 128)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches masked (default 0.75)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row before measuring (default 3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per row; the median is reported (default 10)")
     p.add_argument("--methods", default="mae,rc-mae,sdae,hf", help="comma list of mae, rc-mae, sdae, hf")
-    p.add_argument("--bench-device", dest="bench_device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--device", dest="bench_device", default="auto", choices=("cpu", "cuda", "auto"),
+                   help="where to measure (default: auto = CUDA when available)")
+    p.add_argument("--bench-device", dest="bench_device", choices=("cpu", "cuda", "auto"), help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype (CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data-path", default=None, help="CIFAR-10 source: also time the in-memory input pipeline")
@@ -265,9 +267,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="add a row: MAE with torch.compile'd blocks (train.compile)")
     p.add_argument("--no-gemm-profile", dest="gemm_profile", action="store_false",
                    help="skip the per-row profile of matrix-multiply time and efficiency")
-    p.add_argument("--out", default="docs/PERFORMANCE.md")
+    p.add_argument("--out", default=None, metavar="PAGE.md",
+                   help="add (or replace) this configuration's section in a Markdown page, e.g. docs/PERFORMANCE.md "
+                        "(default: print only)")
     p.add_argument("--json", default=None, help="also write the raw numbers to this JSON file")
-    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="do not write --out (kept for scripts)")
     p.add_argument("--memory-row", default=None, help=argparse.SUPPRESS)
 
 
@@ -336,8 +340,13 @@ def run(args, argv: list[str]) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"argv": argv, "rows": results, "gemm_peak_flops": peak,
                                                "pipeline_imgs_per_s": pipeline}, indent=2))
-    if not args.no_write:
+    if args.out and not args.no_write:
         write_section(Path(args.out), text)
+        print(f"wrote this section into {Path(args.out).resolve()}")
+    elif not args.no_write:
+        print("printed only: --out docs/PERFORMANCE.md adds this section to a page")
+    if args.json:
+        print(f"raw numbers: {Path(args.json).resolve()}")
     return 0
 
 
@@ -394,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def register(groups, common) -> None:
-    p = groups["top"].add_parser("bench", help="throughput / FLOPs / MFU / memory of every method side by side")
+    p = groups["top"].add_parser("bench", help="throughput / FLOPs / MFU / memory of every method side by side",
+                                 description="Time the training step of every method (and Hugging Face's ViTMAE) on "
+                                             "random images; prints a Markdown table, --out PAGE.md also writes it.")
     add_arguments(p)
     p.set_defaults(func=lambda args: run(args, [a for a in sys.argv[2:]]))
 

@@ -25,9 +25,11 @@ def _common(*, checkpoint: bool = False, which: bool = False, output: bool = Tru
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", metavar="NAME|FILE.yaml", help="preset name (see `mimkit presets`) or YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, dotted key (repeatable), e.g. --set train.epochs=5")
+                   help="override a config value, dotted key (repeatable), e.g. --set data.path=/data/photos; "
+                        "every key: mimkit config --list")
     if output:
-        p.add_argument("--output", metavar="DIR", help="run folder (default: runs/<preset>-<time>)")
+        p.add_argument("--output", metavar="DIR", help="folder for the result JSON (default: the checkpoint's run "
+                       "folder)" if checkpoint else "run folder (default: runs/<preset>-<time>)")
     if checkpoint:
         p.add_argument("--checkpoint", metavar="PATH", required=True, help="a mimkit checkpoint (.pt)")
     if which:
@@ -159,7 +161,8 @@ def cmd_eval_knn(args) -> int:
     out = result_path(args.checkpoint, args.output, name)
     res = evaluate_knn(encoder, data, device=loaded.device, k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
                        pool=cfg.eval.pool, batch_size=cfg.eval.batch_size,
-                       show_progress=not args.no_progress and sys.stderr.isatty())
+                       show_progress=not args.no_progress and sys.stderr.isatty(),
+                       log=None if args.no_progress else (lambda line: print(line, flush=True)))
     res.update(evaluation_settings(loaded, data, which=which, random_init=seed, overrides=args.overrides),
                k=cfg.eval.knn_k, t=cfg.eval.knn_t, pool=cfg.eval.pool)
     record_evaluation(out, res)

@@ -187,7 +187,8 @@ def load_source(name_or_file: str | None) -> dict[str, Any]:
         return _read_yaml(path.read_text(), str(path))
     if name_or_file not in preset_names():
         raise MimkitError(
-            f"unknown preset {name_or_file!r}; accepted: {', '.join(preset_names())} or a path to a .yaml file"
+            f"unknown preset {name_or_file!r}; pre-training presets: {', '.join(preset_names('pretrain'))}; "
+            f"fine-tuning presets (mimkit finetune): {', '.join(preset_names('finetune'))}; or a path to a .yaml file"
         )
     text = resources.files("mimkit.presets").joinpath(f"{name_or_file}.yaml").read_text()
     return _read_yaml(text, f"preset {name_or_file}")

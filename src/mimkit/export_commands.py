@@ -182,6 +182,9 @@ def cmd_visualize_reconstruction_compare(args) -> int:
     _check_count(args.num_images)
     loaded = load_for_eval(args.checkpoint, args.overrides, args.device)
     method = loaded.need_method("a student/teacher reconstruction picture")
+    if loaded.checkpoint.raw.get("teacher") is None:
+        raise MimkitError(f"reconstruction-compare draws a student and its EMA teacher; {args.checkpoint} (method "
+                          f"{method.name}) has no teacher: `mimkit visualize reconstruction` draws its student")
     images = loaded.data.sample_images(args.num_images)
     png = save_teacher_student_reconstructions(method, images, args.out, loaded.data.mean, loaded.data.std,
                                                seed=args.seed)

@@ -36,7 +36,7 @@ def save_reconstruction_grid(method, images: Tensor, path: Path, mean, std, *, s
 
     Returns None when the method does not predict pixels.
     """
-    from torchvision.utils import save_image
+    from torchvision.utils import make_grid
 
     g = torch.Generator().manual_seed(seed)
     device = next(method.parameters()).device
@@ -53,5 +53,27 @@ def save_reconstruction_grid(method, images: Tensor, path: Path, mean, std, *, s
         rows = torch.nn.functional.interpolate(rows, scale_factor=upscale, mode="nearest")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows.cpu(), path, nrow=4, padding=2, pad_value=1.0)
+    grid = make_grid(rows.cpu(), nrow=4, padding=2, pad_value=1.0)
+    titled_image(grid, COLUMN_TITLES, 4).save(path)
     return path
+
+
+#: the four panels of each row, left to right
+COLUMN_TITLES = ("original", "masked input", "prediction", "pred.+visible")
+
+
+def titled_image(grid: Tensor, titles, columns: int, header: int = 14):
+    """A PIL image of ``grid`` ((C, H, W) in [0, 1]) with a white header row holding one title per column."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = arr.expand(3, -1, -1) if arr.shape[0] == 1 else arr
+    body = Image.fromarray(arr.permute(1, 2, 0).numpy(), "RGB")
+    out = Image.new("RGB", (body.width, body.height + header), "white")
+    out.paste(body, (0, header))
+    draw, font = ImageDraw.Draw(out), ImageFont.load_default()
+    width = body.width / columns
+    for j, title in enumerate(titles):
+        w = draw.textlength(title, font=font)
+        draw.text((j * width + max(0.0, (width - w) / 2), 1), title, fill="black", font=font)
+    return out

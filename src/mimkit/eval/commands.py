@@ -27,6 +27,9 @@ def register(groups, common) -> None:
     p.add_argument("--from-scratch", action="store_true",
                    help="random init, same recipe (shapes/data from --checkpoint when given, else from --config/--set)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue from --output's checkpoints/last.pt when it exists (ignoring --config/--checkpoint, "
+                        "which the first start used), else start fresh")
     p.set_defaults(func=cmd_finetune)
 
     p = ev.add_parser(
@@ -72,6 +75,14 @@ def cmd_finetune(args) -> int:
     from mimkit.finetune import Init, build_finetune_config, finetune
 
     overrides = list(args.overrides) + _extra_overrides(args)
+    if args.auto_resume:
+        if args.resume or args.output is None:
+            raise MimkitError("--auto-resume needs --output DIR (the run folder to continue or start) and "
+                              "replaces --resume; pass one of them")
+        if (Path(args.output) / "checkpoints" / "last.pt").is_file():
+            finetune(None, args.output, resume=True, overrides=tuple(overrides),
+                     show_progress=False if args.no_progress else None)
+            return 0
     if args.resume:
         if args.output is None:
             raise MimkitError("--resume needs --output DIR, the fine-tuning run folder to continue")
