@@ -285,6 +285,20 @@ def test_reference_cosine_dim_groups_by_fold(monkeypatch):
     assert abs(out.loss.item() - token.item()) > 1e-4
 
 
+def test_reference_cosine_dim_is_per_token_for_the_full_image_teacher(monkeypatch):
+    """The official full-image path flattens (B * |M|, D) before the cosine: one cosine per token."""
+    method = _method(teacher_input="full", cosine_dim="reference")
+    images, mask = _images(), _mask(method)
+    monkeypatch.setattr(method, "sample_mask", lambda imgs: mask)
+    out = method(images)
+    pred = gather_tokens(method.student(images, mask.ids_keep, mask.ids_restore).detach(), method.target_ids(mask))
+    target, _ = method.targets(images, mask)
+    flat = torch.nn.functional.cosine_similarity(pred.reshape(-1, 32), target.reshape(-1, 32), dim=1)
+    torch.testing.assert_close(out.loss.detach(), (1 - flat).mean(), rtol=1e-5, atol=1e-6)
+    across = cosine_loss(pred, target, "reference", pred.shape[1])  # what the across-tokens rule would give
+    assert abs(out.loss.item() - across.item()) > 1e-4
+
+
 def test_spread_is_a_collapse_indicator():
     assert spread(torch.ones(2, 5, 8)).item() == 0.0
     assert spread(torch.randn(2, 5, 8)).item() > 0.5

@@ -33,8 +33,9 @@ metric (for every mode: the masked patches that get no loss). ``|M| // folds == 
 ``cosine_dim``: ``"token"`` (default) is Eq. (4), a cosine per token over the channels. ``"reference"``
 is a compatibility switch reproducing the official code's multi-fold loss, where the cosine is taken
 over dim 1 of a (B * folds, n, D) tensor, i.e. across the tokens of a teacher sequence, per channel,
-then ``1 - cos`` is averaged over (sequence, channel). In the other modes the same rule is applied to
-the (B, K, D) targets of the single teacher sequence per image.
+then ``1 - cos`` is averaged over (sequence, channel). In the ``masked`` and ``crop`` modes the same rule is
+applied to the (B, K, D) targets of the single teacher sequence per image. With ``full`` the official code
+flattens the targets to (B * |M|, D), so its cosine is per token there: ``reference`` equals ``token``.
 
 Departure from the reference code (REFERENCE_NOTES.md): the reference starts from a randomly
 initialised teacher, so early targets come from a random network; here the teacher starts as a copy of
@@ -162,6 +163,9 @@ class SdAE(TeacherHooks, Method):
             self.num_targets = self.num_masked
             self.seq_len = self.num_masked
         self.targets_dropped = self.num_masked - self.num_targets
+        # the official full-image path flattens its targets to (B * |M|, D) before the cosine, so "reference" is a
+        # cosine per token there; its masked-token paths reshape to (sequences, tokens, D) and take dim=1
+        self.loss_cosine_dim = "token" if teacher_input == "full" else cosine_dim
 
         # Encoder only, a copy of the freshly initialised student encoder. The reference code starts
         # from an independently random teacher instead (early targets from a random network).
@@ -207,7 +211,7 @@ class SdAE(TeacherHooks, Method):
         target, ids = self.targets(images, mask)                 # no autograd (teacher)
         pred_all = self.student(images, mask.ids_keep, mask.ids_restore)  # (B, N, D)
         pred = gather_tokens(pred_all, ids)                      # same order as the teacher's tokens
-        loss = cosine_loss(pred, target, self.cosine_dim, self.seq_len)  # Eq. (4)
+        loss = cosine_loss(pred, target, self.loss_cosine_dim, self.seq_len)  # Eq. (4)
         metrics: dict[str, Tensor | float] = {
             "loss": loss.detach(),
             "loss_cos": loss.detach(),
