@@ -12,7 +12,8 @@ SHARED_DATA = Path(os.environ.get("MIMKIT_SHARED_DATA", Path(__file__).resolve()
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} not present")
+        pytest.skip(f"shared data folder {SHARED_DATA} not present (set MIMKIT_SHARED_DATA=/path/to/data to run "
+                    "the tests on real data)")
     return SHARED_DATA
 
 

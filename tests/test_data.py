@@ -108,7 +108,7 @@ def test_fashion_mnist_folder(tmp_path: Path) -> None:
         load_in_memory("fashion-mnist", str(tmp_path / "nowhere"))
 
 
-@pytest.mark.skipif(not (SHARED / "fashion-mnist").is_dir(), reason="shared Fashion-MNIST not available")
+@pytest.mark.skipif(not (SHARED / "fashion-mnist").is_dir(), reason="shared Fashion-MNIST not available (set MIMKIT_SHARED_DATA)")
 def test_real_fashion_mnist() -> None:
     data = load_in_memory("fashion-mnist", str(SHARED / "fashion-mnist"))
     assert len(data.train) == 60000 and data.test is not None and len(data.test) == 10000
@@ -483,7 +483,7 @@ def test_cifar10_image_tree_folder_and_tar_cached(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not (SHARED / "cifar10" / "cifar10-jpeg.tar.gz").is_file(), reason="shared CIFAR-10 tar not available"
+    not (SHARED / "cifar10" / "cifar10-jpeg.tar.gz").is_file(), reason="shared CIFAR-10 tar not available (set MIMKIT_SHARED_DATA)"
 )
 def test_real_cifar10_tar(tmp_path: Path) -> None:
     archive = SHARED / "cifar10" / "cifar10-jpeg.tar.gz"
