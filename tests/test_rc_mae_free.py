@@ -279,3 +279,32 @@ def test_linear_model_teacher_free_trajectory_equals_teacher_trajectory():
         torch.testing.assert_close(f[k], t[k], rtol=1e-9, atol=1e-12)
     with pytest.raises(MimkitError, match="unknown linear-model arm 'x'"):
         lm.run_one(cfg, 0, "x")
+
+
+def test_fidelity_probe_is_exact_at_the_head_and_command_writes_a_table(tmp_path, capsys):
+    """``mimkit analyze teacher-free``: with an RC-MAE teacher that differs from the student in the head only,
+    the head's correction is the true consistency gradient (cos 1, norm ratio 1)."""
+    from mimkit.analysis.teacher_free import compare_batch, layer_group
+    from mimkit.cli import main
+    from mimkit.config import build_config
+    from mimkit.train.checkpoint import atomic_save, make_checkpoint
+
+    head = ["student.decoder.pred.weight", "student.decoder.pred.bias"]
+    free, rc = _pair(head)
+    r = compare_batch(rc, free, _images(), seed=2)["head (decoder.pred)"]
+    assert r["dot"] / (r["true2"] * r["corr2"]) ** 0.5 == pytest.approx(1.0, abs=1e-5)
+    assert r["corr2"] / r["true2"] == pytest.approx(1.0, rel=1e-4)
+    assert layer_group("encoder.blocks.3.attn.qkv.weight") == "enc 3 attn"
+    assert layer_group("encoder.blocks.0.norm1.weight") == "norms + tokens (no correction)"
+
+    cfg = build_config("demo", TINY + ["method.name=rc-mae", "model.drop_path=0.0"])
+    ckpt = make_checkpoint(method_name="rc-mae", config=cfg.to_dict(), student=rc.student.state_dict(),
+                           teacher=rc.teacher.module.state_dict(), optimizer=None, scaler=None, global_step=1, epoch=1)
+    atomic_save(ckpt, tmp_path / "rc.pt")
+    assert main(["analyze", "teacher-free", "--checkpoint", str(tmp_path / "rc.pt"), "--out", str(tmp_path / "tf"),
+                 "--batches", "1", "--batch-size", "8", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "tf" / "summary.json").read_text())
+    row = summary["results"]["rc-mae epoch 1"]["head (decoder.pred)"]
+    assert row["cos"] == pytest.approx(1.0, abs=1e-5) and row["norm_ratio"] == pytest.approx(1.0, rel=1e-4)
+    assert (tmp_path / "tf" / "teacher_free.png").stat().st_size > 1000
+    assert "| head (decoder.pred) |" in capsys.readouterr().out

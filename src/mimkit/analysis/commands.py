@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,18 @@ def register(groups, common) -> None:
                    help="|mean cos| threshold for the 'near zero' verdict (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="pairs and masks seed (default 0)")
     p.set_defaults(func=cmd_grad_alignment)
+
+    p = ana.add_parser("teacher-free", parents=[common(checkpoint=False, output=False)],
+                       help="rc-mae-free's correction vs the true consistency gradient at RC-MAE checkpoints",
+                       description="At each checkpoint (rc-mae: D = S - T; rc-mae-free: T = S - D) compare the true "
+                                   "consistency gradient with the teacher-free correction gamma * D A, per layer "
+                                   "group (cosine, norm ratio). Writes teacher_free.png, table.md, summary.json.")
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT", help="one or more checkpoints")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--batches", type=int, default=4, help="batches compared per checkpoint (default 4)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="masks seed (default 0)")
+    p.set_defaults(func=cmd_teacher_free)
 
     p = ana.add_parser("grad-hist", help="histograms of the logged cos(grad L_r, grad L_c) of runs (rc-mae Fig. 3b)",
                        description="Side-by-side histograms of the grad_cos values that RC-MAE runs trained with "
@@ -144,6 +157,28 @@ def cmd_grad_alignment(args) -> int:
     png, js = write_outputs(Path(args.out), results, summary)
     print(f"grad-alignment: {settings.pairs} pairs in {time.perf_counter() - t0:.1f}s -> {png}, {js}")
     _print_verdicts(summary["verdicts"])
+    return 0
+
+
+def cmd_teacher_free(args) -> int:
+    from mimkit.analysis.teacher_free import FidelitySettings, fidelity, write_outputs
+    from mimkit.analysis.vit_alignment import collect_pool
+    from mimkit.eval.loading import open_checkpoint
+
+    settings = FidelitySettings(batches=args.batches, batch_size=args.batch_size, seed=args.seed).validate()
+    t0 = time.perf_counter()
+    results, images = {}, None
+    for ckpt in args.checkpoint:
+        loaded = open_checkpoint(ckpt, overrides=args.overrides, device=args.device)
+        if images is None:
+            need = settings.batches * settings.batch_size
+            images, _ = collect_pool(loaded.datamodule(), "train", need, loaded.config.eval.batch_size, loaded.device)
+        label = f"{loaded.method_name} epoch {loaded.epoch}"
+        results[label] = fidelity(loaded, images, settings)
+    png, js, md = write_outputs(Path(args.out), results, {"checkpoints": list(args.checkpoint),
+                                                         "settings": dataclasses.asdict(settings)})
+    print(md)
+    print(f"teacher-free fidelity: {len(results)} checkpoint(s) in {time.perf_counter() - t0:.1f}s -> {png}, {js}")
     return 0
 
 
