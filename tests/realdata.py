@@ -62,3 +62,27 @@ def write_shards(folder: Path, items: list[tuple[str, str, bytes]], shards: int)
     for w in writers:
         w.close()
     return paths
+
+
+def fingerprints(batches) -> list[float]:
+    """One number per image of a stream of batches (its pixel sum): identifies a sample when crops are off."""
+    return [round(float(x.double().sum()), 3) for b in batches for x in b]
+
+
+def ddp_shard_reader(rank: int, world: int, path: str, init: str, out: str) -> None:
+    """One process of a gloo group: read this rank's share of webdataset epoch 0 (full-image crops) and gather
+    every rank's sample fingerprints into ``out`` (JSON) on rank 0."""
+    import json
+
+    import torch.distributed as dist
+
+    from mimkit.data import build_datamodule
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dm = build_datamodule("webdataset", path, 32, num_workers=0, crop_scale=(1.0, 1.0), hflip_p=0.0)
+    mine = fingerprints(dm.train_batches(0, 20, 0, "cpu", rank=rank, world_size=world))
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"steps": dm.steps_per_epoch(20, world), "ranks": gathered}))
+    dist.destroy_process_group()

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from mimkit.data.module import FolderDataModule, _FolderDataset, _subset_order
+from mimkit.data.module import DataModule, FolderDataModule, _FolderDataset, _subset_order
 from mimkit.data.sources import FileList, ImageTreeListing, LogFn, default_cache_dir
 from mimkit.errors import MimkitError
 
@@ -101,6 +101,10 @@ class HFDataModule(FolderDataModule):
     """A ``datasets`` split decoded by DataLoader workers exactly like an image folder."""
 
     dataset_class = _HFImages
+
+    def describe(self) -> str:
+        lazy = "" if self.strict else " (Arrow rows decoded every epoch; unreadable ones skipped when met)"
+        return DataModule.describe(self) + lazy
 
 
 def _is_saved_folder(p: Path) -> bool:
