@@ -189,7 +189,8 @@ class Trainer:
                 if env.is_main:
                     dropped = truncate_metrics(run_dir / "metrics.jsonl", ckpt["global_step"])
             log = RunLog(run_dir if env.is_main else None, echo=self.echo and env.is_main,
-                         purge_step=(ckpt["global_step"] + 1) if ckpt else None)
+                         purge_step=(ckpt["global_step"] + 1) if ckpt else None,
+                         loggers=cfg.train.loggers, config=cfg.to_dict())
             return self._run(cfg, run_dir, ckpt, log, dropped, env, device)
         finally:
             if log is not None:

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +63,23 @@ def _clear_failed_start(output: Path) -> None:
 class RunLog:
     """Lines to stdout and ``train.log``; metrics to ``metrics.jsonl`` and TensorBoard (rank 0 only)."""
 
-    def __init__(self, run_dir: Path | None, *, echo: bool = True, tensorboard: bool = True, purge_step: int | None = None):
+    def __init__(self, run_dir: Path | None, *, echo: bool = True, tensorboard: bool = True, purge_step: int | None = None,
+                 loggers: Sequence[str] = ("tensorboard",), config: dict[str, Any] | None = None):
+        """``loggers``: ``train.loggers`` (tensorboard, wandb, mlflow, csv; see :mod:`mimkit.train.trackers`);
+        ``config``: the resolved config, logged as the trackers' parameters."""
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.echo = echo
         self._tb = None
         self._text = None
         self._metrics = None
+        self._trackers: list = []
         if self.run_dir is not None:
             self._text = open(self.run_dir / "train.log", "a", buffering=1)
             self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-            if tensorboard:
+            from mimkit.train.trackers import build_trackers
+
+            self._trackers = build_trackers(loggers, self.run_dir, config, purge_step, self.info)
+            if tensorboard and "tensorboard" in loggers:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
 
@@ -90,17 +98,31 @@ class RunLog:
         clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
         if self._metrics is not None:
             self._metrics.write(json.dumps(clean) + "\n")
+        scalars = {f"train/{key}": value for key, value in record.items()
+                   if key not in ("step", "epoch") and isinstance(value, (int, float))}
         if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}", value, step)
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, record["step"])
+        for tracker in self._trackers:
+            tracker.scalars(scalars, record["step"])
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self._tb is not None:
             self._tb.add_scalar(tag, value, step)
+        for tracker in self._trackers:
+            tracker.scalars({tag: value}, step)
 
     def close(self) -> None:
+        if self._trackers and self.run_dir is not None:  # the run's results as artifacts, then close
+            for path in (self.run_dir / "summary.json", self.run_dir / "config.yaml"):
+                if path.is_file():
+                    for tracker in self._trackers:
+                        tracker.artifact(path)
+            for png in sorted((self.run_dir / "reconstructions").glob("*.png")):
+                for tracker in self._trackers:
+                    tracker.artifact(png, "reconstructions")
+        for tracker in self._trackers:
+            tracker.close()
         for f in (self._text, self._metrics):
             if f is not None:
                 f.close()
