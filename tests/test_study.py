@@ -85,7 +85,14 @@ def test_task_graph_evaluates_each_run_right_after_it_in_priority_order(tmp_path
     assert not any(t.kind == "finetune" for t in tasks)  # no CPU fine-tune in the fair profile
     robust = {t.key for t in tasks if "--robust-images" in t.build()}
     assert "frozen mae s0 e13 student" in robust and "frozen init s0" in robust
+    assert {"frozen rc-mae-s s0 e13 teacher", "frozen rc-mae-s s0 e13 student", "frozen rc-mae-d s0 e13 teacher",
+            "frozen sdae s0 e13 student"} <= robust
+    assert "frozen rc-mae-d s0 e13 student" not in robust and "frozen sdae s0 e13 teacher" not in robust
     assert not any(" e3 " in k or " e6 " in k for k in robust)
+    assert [k for k in keys if k.startswith("frozen sdae s0")] == ["frozen sdae s0 e13 teacher",
+                                                                   "frozen sdae s0 e13 student"]
+    frozen_argv = [t.build() for t in tasks if t.kind == "frozen"]
+    assert all(a[a.index("--eval-train") + 1] == "10000" for a in frozen_argv)
     # the first study's profile: ablations on the first seed, fine-tunes after every frozen evaluation
     q = make_study(tmp_path / "q", profile="quick", seeds="0,1").tasks()
     qk = [t.key for t in q]
@@ -321,12 +328,14 @@ def test_frozen_evaluation_matches_the_library(tmp_path):
     ckpt = run / "checkpoints" / "last.pt"
     out = tmp_path / "frozen.json"
     assert cs.main(["_frozen", "--checkpoint", str(ckpt), "--which", "student", "--out", str(out),
-                    "--robust-images", "40"]) == 0
+                    "--robust-images", "40", "--eval-train", "300"]) == 0
     res = json.loads(out.read_text())
     assert res["which"] == "student" and res["method"] == "rc-mae" and res["epoch"] == 1
-    assert res["train_images"] == 512 and res["test_images"] == 256
+    assert res["train_images"] == 300 and res["test_images"] == 256
     pre = load_pretrained_encoder(ckpt, "student")
-    data = datamodule_from_config(config_from_dict(pre.config))
+    cfg = config_from_dict(pre.config)
+    cfg.data.max_train, cfg.train.seed = 300, 0  # --eval-train: a fixed subset, the same whatever the run's seed
+    data = datamodule_from_config(cfg)
     cpu = torch.device("cpu")
     for pool in ("mean", "cls"):  # both poolings come from one forward pass and equal the library's
         ref = evaluate_knn(pre.encoder, data, device=cpu, pool=pool)
@@ -342,7 +351,7 @@ def test_frozen_evaluation_matches_the_library(tmp_path):
     # the reference point: the same shape and data with fresh weights
     init = tmp_path / "init.json"
     assert cs.main(["_frozen", "--checkpoint", str(ckpt), "--which", "student", "--random-init", "0",
-                    "--out", str(init)]) == 0
+                    "--out", str(init), "--eval-train", "300"]) == 0
     r0 = json.loads(init.read_text())
     torch.manual_seed(0)
     fresh = build_method(config_from_dict(pre.config), 1).encoder("student").eval()

@@ -305,8 +305,6 @@ def figures(study: Study, res: Results, folder: Path, out_dir: Path) -> dict[str
         "convergence": [("mae", "student", "MAE", "C0"), ("rc-mae-s", "teacher", "RC-MAE-S teacher", "C3"),
                         ("rc-mae-s", "student", "RC-MAE-S student", "C1"),
                         ("rc-mae-free", "student", "RC-MAE-free", "C5")],
-        "sdae_teacher_student": [("sdae", "student", "SdAE student", "C2"), ("sdae", "teacher", "SdAE teacher", "C4"),
-                                 ("mae", "student", "MAE", "C0")],
     }
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, str] = {}
@@ -369,9 +367,11 @@ def write_report(study: Study, out: Path, figure_dir: Path, command: str) -> Non
          "the teacher-free consistency correction (issue 15), same momentum and gamma as RC-MAE.",
          "- Seeds (the seed sets initialisation, data order, crops and masks; every method of a seed sees the same "
          "data order): " + ", ".join(f"{VARIANTS[v].label} {len(study.seeds_of(v))}" for v in study.variants()) + ".",
-         "- Frozen evaluations of every run at epochs " + ", ".join(map(str, prof["curve_epochs"])) + " (curve "
-         "variants; the others at the end), both encoders of teacher methods: weighted kNN (k 20, T 0.07, the training "
-         "set as the bank) and the cached-feature linear probe (LARS, 90 epochs, BatchNorm head), each with "
+         "- Frozen evaluations at epochs " + ", ".join(map(str, prof["curve_epochs"])) + " (MAE, RC-MAE-S, "
+         "RC-MAE-free; the others at the end), both encoders of teacher methods: weighted kNN (k 20, T 0.07) and the "
+         "cached-feature linear probe (LARS, 90 epochs, BatchNorm head) on " + (
+             f"a fixed {prof['eval_train_images']:,} of the training images (the same for every run)"
+             if prof.get("eval_train_images") else "the run's training images") + ", each with "
          "**mean-pooled** patch tokens (primary: the cls token gets no direct signal from the MAE loss) and with the "
          "**cls token** (secondary). Scores on the full 10,000-image test split.",
          f"- Robustness: the frozen encoder with its mean-pooled probe head, on a fixed {prof['robust_images']:,} test "
@@ -429,8 +429,6 @@ def write_report(study: Study, out: Path, figure_dir: Path, command: str) -> Non
         L += [f"### {claim.title}", "", f"Source: {claim.source}.", "", *claim_table(claim, ver), ""]
         if claim.cid == "conv" and "convergence" in figs:
             L += [f"![frozen metrics during pre-training]({figs['convergence']})", ""]
-        if claim.cid == "sdae-ts" and "sdae_teacher_student" in figs:
-            L += [f"![SdAE teacher vs student]({figs['sdae_teacher_student']})", ""]
         for i, row in enumerate(claim.rows):
             if row.primary or row.metric == "step":
                 summary.append((claim.title, f"{metric_name(row.metric)}: {_arm(row.a)} vs {_arm(row.b)}",

@@ -127,6 +127,8 @@ class Study:
         argv = [self.py, str(ENTRY), "_frozen", "--checkpoint", str(ckpt), "--which", which, "--out", str(out)]
         if robust:
             argv += ["--robust-images", str(self.profile["robust_images"])]
+        if self.profile.get("eval_train_images"):
+            argv += ["--eval-train", str(self.profile["eval_train_images"])]
         if random_init is not None:
             argv += ["--random-init", str(random_init)]
         return argv
@@ -146,7 +148,8 @@ class Study:
             for epoch in self.curve_epochs(v):
                 for w in encoders_of(v):
                     out, ckpt = self.frozen_file(v, s, epoch, w), self.checkpoint(v, s, epoch)
-                    robust = epoch == final and v in ROBUSTNESS_VARIANTS
+                    robust = epoch == final and v in ROBUSTNESS_VARIANTS and (
+                        w == default_which(v) or v == "rc-mae-s")  # both RC-MAE-S encoders: its claim has both
                     tasks.append(Task(f"frozen {v} s{s} e{epoch} {w}", "frozen", out,
                                       lambda c=ckpt, w=w, o=out, r=robust: self.frozen_argv(c, w, o, r),
                                       logs / f"frozen-{v}-s{s}-e{epoch}-{w}.log", [run_key]))
