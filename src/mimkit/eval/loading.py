@@ -138,8 +138,8 @@ class LoadedCheckpoint:
                 raise MimkitError(f"{self.path} is a fine-tuned classifier with one encoder; accepted --which: student")
             return self.classifier.encoder.eval()
         if which == "teacher" and self.raw.get("teacher") is None:
-            raise MimkitError(f"checkpoint {self.path} (method {self.method_name}) has no teacher; "
-                              "accepted --which: student")
+            raise MimkitError(f"checkpoint {self.path} has no teacher (method {self.method_name} keeps no 'teacher' "
+                              "encoder); accepted --which: student")
         return self.method.encoder(which).eval()
 
     def finetune_config(self):
@@ -280,7 +280,7 @@ def check_data_channels(in_chans: int, data, checkpoint: str) -> None:
     if data.in_chans != in_chans:
         raise MimkitError(
             f"the encoder in {checkpoint} takes {in_chans}-channel images but the data ({data.name}) has "
-            f"{data.in_chans}; set data.channels={in_chans}"
+            f"{data.in_chans}; pass --set data.channels={in_chans}"
         )
 
 
