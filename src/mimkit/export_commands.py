@@ -78,6 +78,9 @@ def cmd_export(args) -> int:
     if which == "classifier":
         which, what = "fine-tuned", "classifier (encoder + head)"
     print(f"exported the {which} {what} as {args.format}: {path}")
+    from mimkit.modelcard import write_model_card
+
+    print(f"model card: {write_model_card(path, args.format, args.checkpoint, which)}")
     if args.check:
         diff = check_export(path, args.format, module)
         print(f"check: loaded back, largest difference to mimkit's output {diff:.2e}")
