@@ -188,3 +188,24 @@ def test_help_and_pictures(tmp_path, capsys):
     im = np.asarray(Image.open(png).convert("L"))
     body_h = 2 * (16 * 4 + 2) + 2
     assert im.shape == (body_h + 14, 4 * (16 * 4 + 2) + 2) and im[:14].min() < 100  # dark title text on white
+
+
+def test_frozen_scores_are_the_knn_and_probe_of_the_commands():
+    from mimkit.config import build_config
+    from mimkit.eval.frozen import frozen_scores
+    from mimkit.eval.knn import evaluate_knn
+    from mimkit.eval.linprobe import build_linprobe_config, run_linprobe
+    from mimkit.eval.loading import random_init_encoder
+    from mimkit.runtime import datamodule_from_config
+
+    cfg = build_config(None, ["method.name=mae", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
+                              "model.depth=1", "model.num_heads=2", "data.max_train=256", "data.max_test=128",
+                              "eval.pool=mean"])
+    data = datamodule_from_config(cfg)
+    enc = random_init_encoder(cfg, 1, 0)
+    cpu = torch.device("cpu")
+    got = frozen_scores(enc, data, cfg, device=cpu, linprobe_overrides=["train.epochs=5"])
+    assert got["knn_top1"] == pytest.approx(evaluate_knn(enc, data, device=cpu, pool="mean")["knn_top1"])
+    lp = run_linprobe(enc, data, build_linprobe_config(None, ["eval.pool=mean", "train.epochs=5"], cfg.to_dict()),
+                      device=cpu)
+    assert got["linprobe_top1"] == pytest.approx(lp["linprobe_top1"])
