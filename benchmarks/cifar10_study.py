@@ -61,29 +61,31 @@ def estimate(profile: str, seeds: list[int], repeats: int = 4) -> dict:
         enc = enc or m.encoder("student")
         opt = build_adamw(m.student.named_parameters(), 1e-4, 0.05, (0.9, 0.95))
         times = []
-        for i in range(repeats + 1):
-            t = time.perf_counter()
+        for i in range(repeats + 1):  # CPU time, not wall time: a busy machine does not inflate the estimate
+            t = time.process_time()
             m(x).loss.backward()
             if getattr(m, "edits_gradients", False):
                 m.before_optimizer_step(Progress(i + 1, 0, 100, 10**6, 1))
             opt.step()
             opt.zero_grad(set_to_none=True)
             m.after_optimizer_step(Progress(i + 1, 0, 100, 10**6, 1))
-            times.append(time.perf_counter() - t)
+            times.append(time.process_time() - t)
         step_s[v] = sorted(times[1:])[len(times[1:]) // 2]
     with torch.no_grad():
         enc.eval()
         imgs = torch.randn(256, 3, 32, 32)
         enc.forward_features(imgs)
-        t = time.perf_counter()
+        t = time.process_time()
         enc.forward_features(imgs)
-        fwd = (time.perf_counter() - t) / 256
+        fwd = (time.process_time() - t) / 256
     steps = prof["epochs"] * (prof["train_images"] // prof["batch"])
     train_h = {v: len(st.seeds_of(v)) * steps * s * 1.1 / 3600 for v, s in step_s.items()}  # +10 % data, logging
     frozen = [t for t in st.tasks() if t.kind == "frozen"]
     robust = sum("--robust-images" in t.build() for t in frozen)
-    eval_h = (len(frozen) * ((prof["train_images"] + 10_000) * fwd + 40)
-              + robust * prof["robust_images"] * 76 * fwd * 2) / 3600
+    bank = prof.get("eval_train_images") or prof["train_images"]
+    eval_h = (len(frozen) * ((bank + 10_000) * fwd + 30)  # one forward of bank + test split, two small probes
+              + robust * prof["robust_images"] * 76 * fwd * 1.5) / 3600  # 75 corrupted copies + clean
+    eval_h += len(st.runs()) * ((prof["train_images"] + 10_000) * fwd) / 3600  # each run's own final kNN
     return {"step_s": step_s, "train_h": train_h, "eval_h": eval_h, "frozen_tasks": len(frozen),
             "total_h": sum(train_h.values()) + eval_h}
 
