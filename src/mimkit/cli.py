@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "summary.json.")
     p.add_argument("--method", choices=("mae", "rc-mae", "sdae", "rc-mae-free"), help="shortcut for --set method.name=...")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue from --output's checkpoints/last.pt when it exists, else start fresh (for "
+                        "`torchrun --max-restarts=N ... mimkit pretrain --auto-resume`: a killed process recovers)")
     p.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder").add_subparsers(dest="eval_command", required=True)
@@ -96,6 +99,11 @@ def cmd_pretrain(args) -> int:
         extra["method.name"] = args.method
     if args.device:
         extra["train.device"] = args.device
+    if args.auto_resume:  # continue when the run folder has a checkpoint, else start fresh
+        if args.resume or args.output is None:
+            raise MimkitError("--auto-resume needs --output DIR (the run folder to continue or start) and "
+                              "replaces --resume; pass one of them")
+        args.resume = (Path(args.output) / "checkpoints" / "last.pt").is_file()
     output = args.output
     if output is None:
         if args.resume:

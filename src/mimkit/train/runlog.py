@@ -25,7 +25,7 @@ def prepare_run_dir(output: Path, resume: bool) -> Path:
         raise MimkitError(f"output {output} exists and is not a folder")
     if output.is_dir() and _failed_start(output):  # a run that stopped before its first checkpoint: start again
         _clear_failed_start(output)
-    if output.is_dir() and any(output.iterdir()):
+    elif output.is_dir() and any(output.iterdir()):
         raise MimkitError(
             f"output folder {output} is not empty; pass --resume to continue that run or choose another --output"
         )
@@ -34,7 +34,7 @@ def prepare_run_dir(output: Path, resume: bool) -> Path:
 
 
 #: what a run writes before its first checkpoint (a folder holding only these, and no checkpoint, is a failed start)
-_START_FILES = ("train.log", "train.log.failed", "metrics.jsonl", "config.yaml", "tb", "checkpoints")
+_START_FILES = ("train.log", "train.log.failed", "metrics.jsonl", "metrics.csv", "config.yaml", "tb", "checkpoints")
 
 
 def _failed_start(output: Path) -> bool:
