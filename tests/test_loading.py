@@ -125,6 +125,11 @@ def test_every_kind_reads_into_one_typed_object(runs, tmp_path):
     assert back.kind == "export"
     x = torch.randn(2, 1, 16, 16)
     assert torch.allclose(back.encoder().forward_features(x), pre.encoder().forward_features(x), atol=1e-5)
+    # ... and is itself a checkpoint for every command, e.g. exported again (model card included)
+    again = tmp_path / "again"
+    assert cli.main(["export", "--format", "hf-vit", "--checkpoint", str(exp), "--out", str(again),
+                     "--set", "data.channels=1"]) == 0
+    assert (again / "model.safetensors").is_file() and (again / "README.md").is_file()
 
 
 def test_fine_tuned_checkpoint_evaluates_exports_and_draws(runs, tmp_path, capsys):

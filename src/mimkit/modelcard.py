@@ -125,12 +125,12 @@ def model_card(fmt: str, cfg: dict[str, Any], spec, *, which: str, epochs_done: 
 def write_model_card(folder: str | Path, fmt: str, checkpoint: str | Path, which: str,
                      license_id: str | None = None) -> Path:
     """Write ``folder/README.md`` for the export of ``checkpoint``."""
-    import torch
-
     from mimkit.config import config_from_dict
+    from mimkit.eval.loading import is_export_folder, open_checkpoint, read_checkpoint_file
     from mimkit.export import _replace_into
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    # the one checkpoint reader (uniform errors; an export folder is read back through the import path)
+    ckpt = open_checkpoint(checkpoint).raw if is_export_folder(checkpoint) else read_checkpoint_file(checkpoint)
     try:
         cfg = config_from_dict(ckpt["config"]).to_dict()  # pre-training: the resolved, validated config
     except Exception:  # e.g. a fine-tuning checkpoint: its own config sections, used as they are
