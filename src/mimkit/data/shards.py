@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,10 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, *, shard_siz
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=shard_size, maxsize=float("inf"), verbose=0) as w:
+        # an integer mtime: webdataset's float default gives every member a PAX header, which doubles the
+        # headers Python's tarfile parses when reading (about 25% of the read time of small images)
+        with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=shard_size, maxsize=float("inf"), verbose=0,
+                             mtime=int(time.time())) as w:
             for k, i in enumerate(order):
                 data, label = read(i)
                 data, ext = _encoded(data)
