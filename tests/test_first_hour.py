@@ -46,6 +46,9 @@ def test_in_memory_auto_holds_a_small_folder_of_one_size(tmp_path):
     dm = build_datamodule("imagefolder", _folder(tmp_path / "same"), 8, cache_dir=tmp_path / "c", log=log)
     assert isinstance(dm, InMemoryDataModule) and dm.num_train == 12
     assert "data.in_memory=auto: 24 images of 8x8 = 0 MB decoded, within data.in_memory_budget_gb=2" in log.text()
+    log = Log()  # the next start finds the decode cache and reads no image header
+    again = build_datamodule("imagefolder", tmp_path / "same", 8, cache_dir=tmp_path / "c", log=log)
+    assert isinstance(again, InMemoryDataModule) and "24 images already decoded in the cache" in log.text()
     # over the budget: read from disk
     log = Log()
     dm = build_datamodule("imagefolder", tmp_path / "same", 8, in_memory_budget_gb=1e-6, num_workers=0, log=log)

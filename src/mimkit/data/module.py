@@ -642,7 +642,8 @@ def build_datamodule(
                 f"data.name=imagefolder and for a cifar10 image-tree folder)"
             )
     if source == "imagefolder" and in_memory == "auto" and path is not None and str(path).strip():
-        fits, why = folder_memory_plan(list_image_tree(path), channels or 3, in_memory_budget_gb, decode_size)
+        fits, why = folder_memory_plan(list_image_tree(path), channels or 3, in_memory_budget_gb, decode_size,
+                                       cache_dir)
         log(f"data.in_memory=auto: {why}")
         folder = not fits
     if folder:

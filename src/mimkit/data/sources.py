@@ -778,7 +778,7 @@ def load_imagefolder(
     mode = channels_mode(channels)
     listing = list_image_tree(path)
     hint = RESIZE_HINT
-    key = f"{mode}|{_listing_key(listing)}" if size is None else f"{mode}|{size}|{_listing_key(listing)}"
+    key = _imagefolder_key(listing, mode, size)
     d = _cached_decode(
         "imagefolder", key, listing.root,
         lambda: _decode_listing(listing, mode, strict, hint, size), cache_dir=cache_dir, strict=strict, log=log,
@@ -796,16 +796,24 @@ RESIZE_HINT = ("--set data.in_memory=false reads them from disk, or --set data.i
 IN_MEMORY_BUDGET_GB = 2.0  #: default of data.in_memory_budget_gb
 
 
+def _imagefolder_key(listing: ImageTreeListing, mode: str, size: int | None) -> str:
+    return f"{mode}|{_listing_key(listing)}" if size is None else f"{mode}|{size}|{_listing_key(listing)}"
+
+
 def folder_memory_plan(listing: ImageTreeListing, channels: int, budget_gb: float,
-                       size: int | None = None) -> tuple[bool, str]:
+                       size: int | None = None, cache_dir: str | os.PathLike | None = None) -> tuple[bool, str]:
     """``data.in_memory=auto`` for an image folder: (hold it in memory?, why, for the log).
 
     In memory when its decoded uint8 size (images x channels x H x W, both splits) fits ``budget_gb`` and every
     image has one size (read from the file headers, no decoding), or when ``size`` (resize on decode) is given and
-    ``images x channels x size^2`` fits. Otherwise the folder is read from disk every epoch.
+    ``images x channels x size^2`` fits. Otherwise the folder is read from disk every epoch. A folder already in
+    the decode cache (``cache_dir``) is not scanned again (a stat per file instead of a header read).
     """
     files = listing.train.files + (listing.test.files if listing.test is not None else [])
     budget = budget_gb * 1e9
+    cached = _cache_file(cache_dir, "imagefolder", _imagefolder_key(listing, channels_mode(channels), size))
+    if cached.is_file() and cached.stat().st_size <= budget + 2**20:
+        return True, f"{len(files)} images already decoded in the cache {cached}, within data.in_memory_budget_gb={budget_gb:g}"
     if size is not None:
         total = len(files) * channels * size * size
         if total <= budget:
