@@ -308,3 +308,16 @@ def test_fidelity_probe_is_exact_at_the_head_and_command_writes_a_table(tmp_path
     assert row["cos"] == pytest.approx(1.0, abs=1e-5) and row["norm_ratio"] == pytest.approx(1.0, rel=1e-4)
     assert (tmp_path / "tf" / "teacher_free.png").stat().st_size > 1000
     assert "| head (decoder.pred) |" in capsys.readouterr().out
+
+
+def test_bench_has_rc_mae_free_rows(tmp_path):
+    from mimkit.bench import main as bench_main, select_rows
+
+    assert select_rows("rc-mae-free") == ["RC-MAE-free", "RC-MAE-free (4 tokens)"]
+    out = tmp_path / "bench.json"
+    assert bench_main(["--img", "16", "--patch", "4", "--batch", "4", "--repeats", "1", "--warmup", "1",
+                       "--methods", "mae,rc-mae-free", "--no-memory", "--no-gemm-profile", "--no-write",
+                       "--json", str(out)]) == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    # the curvature statistics are counted FLOPs (in the backward), fewer with 4 tokens per image
+    assert rows["RC-MAE-free"]["flop_ratio"] > rows["RC-MAE-free (4 tokens)"]["flop_ratio"] > 1.0

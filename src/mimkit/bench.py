@@ -40,6 +40,8 @@ METHOD_ROWS = {
     "MAE": ["method.name=mae"],
     "RC-MAE-S": ["method.name=rc-mae", "method.mask_mode=same"],
     "RC-MAE-D": ["method.name=rc-mae", "method.mask_mode=different"],
+    "RC-MAE-free": ["method.name=rc-mae-free"],   # no teacher: the consistency correction inside the step (issue 15)
+    "RC-MAE-free (4 tokens)": ["method.name=rc-mae-free", "method.correction_tokens=4"],  # curvature from 4 tokens/image
     **{f"SdAE ({mode})": ["method.name=sdae", f"method.teacher_input={mode}", "method.ema_unit=step"]
        for mode in ("full", "masked", "crop", "multifold")},
 }
@@ -53,6 +55,7 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 def select_rows(methods: str) -> list[str]:
     wanted = set(methods.split(","))
     rows = [r for r in METHOD_ROWS if ("mae" in wanted and r == "MAE") or ("rc-mae" in wanted and r.startswith("RC"))
+            or ("rc-mae-free" in wanted and r.startswith("RC-MAE-free"))
             or ("sdae" in wanted and r.startswith("SdAE"))]
     if "hf" in wanted:
         rows += list(HF_ROWS)
@@ -97,6 +100,8 @@ class Row:
 
     def step(self, images, i: int) -> None:
         self.loss(images).backward()
+        if self.method is not None and self.method.edits_gradients:  # rc-mae-free: correction before the step
+            self.method.before_optimizer_step(Progress(i, 0, 10**6, 10**6, 1))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.method is not None:
@@ -256,7 +261,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches masked (default 0.75)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row before measuring (default 3)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per row; the median is reported (default 10)")
-    p.add_argument("--methods", default="mae,rc-mae,sdae,hf", help="comma list of mae, rc-mae, sdae, hf")
+    p.add_argument("--methods", default="mae,rc-mae,sdae,hf", help="comma list of mae, rc-mae (includes rc-mae-free), rc-mae-free, sdae, hf")
     p.add_argument("--device", dest="bench_device", default="auto", choices=("cpu", "cuda", "auto"),
                    help="where to measure (default: auto = CUDA when available)")
     p.add_argument("--bench-device", dest="bench_device", choices=("cpu", "cuda", "auto"), help=argparse.SUPPRESS)
