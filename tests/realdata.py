@@ -50,20 +50,6 @@ def write_hf_folder(out: Path, items: list[tuple[str, str, bytes]], n_test_per_c
     return out
 
 
-def write_shards(folder: Path, items: list[tuple[str, str, bytes]], shards: int) -> list[Path]:
-    """``shard-000000.tar`` ... with members ``KEY.jpg`` + ``KEY.cls`` (items dealt round-robin)."""
-    wds = pytest.importorskip("webdataset")
-    classes = sorted({c for c, _, _ in items})
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"shard-{i:06d}.tar" for i in range(shards)]
-    writers = [wds.TarWriter(str(p)) for p in paths]
-    for k, (c, name, data) in enumerate(items):
-        writers[k % shards].write({"__key__": f"{k:06d}", "jpg": data, "cls": str(classes.index(c)).encode()})
-    for w in writers:
-        w.close()
-    return paths
-
-
 def fingerprints(batches) -> list[float]:
     """One number per image of a stream of batches (its pixel sum): identifies a sample when crops are off."""
     return [round(float(x.double().sum()), 3) for b in batches for x in b]

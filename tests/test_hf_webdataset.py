@@ -16,7 +16,6 @@ from conftest import SHARED_DATA
 from helpers import sets
 from mimkit.cli import main
 from mimkit.data import build_datamodule
-from mimkit.data.shards import write_shards
 from mimkit.errors import MimkitError
 from realdata import cifar_test_jpegs, ddp_shard_reader, fingerprints, write_hf_folder
 
@@ -165,3 +164,34 @@ def test_corrupt_shard_member_is_skipped_and_counted(real, tmp_path):
     strict = build_datamodule("webdataset", str(tmp_path), 32, num_workers=0, strict=True)
     with pytest.raises(MimkitError, match=f"unreadable image .*{bad_key}"):
         list(strict.train_batches(0, 10, 0, "cpu"))
+
+
+def test_hf_parquet_folder_and_unlabelled_split(real, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    saved = datasets.load_from_disk(str(real["hf"]))
+    (tmp_path / "pq").mkdir()
+    for split in ("train", "test"):  # the file names give the splits, as datasets infers them
+        saved[split].to_parquet(str(tmp_path / "pq" / f"{split}-00000-of-00001.parquet"))
+    pq = build_datamodule("hf", tmp_path / "pq", 32, num_workers=0)
+    ref = build_datamodule("hf", real["hf"], 32, num_workers=0)
+    assert pq.num_train == 250 and pq.classes == ref.classes and pq.has_test
+    for (xa, ya), (xb, yb) in zip(pq.eval_batches("test", 25, "cpu"), ref.eval_batches("test", 25, "cpu"), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    saved["train"].remove_columns("label").save_to_disk(str(tmp_path / "nolabel"))
+    bare = build_datamodule("hf", tmp_path / "nolabel", 32, num_workers=0)
+    assert bare.classes is None and not bare.has_test and bare.num_train == 250
+    with pytest.raises(MimkitError, match="has no labels"):
+        next(bare.eval_batches("train", 25, "cpu"))
+    assert sum(x.shape[0] for x in bare.train_batches(0, 50, 0, "cpu")) == 250
+
+
+def test_shards_from_an_image_folder(real, tmp_path):
+    assert main(["shards", "--source", str(real["folder"]), "--out", str(tmp_path / "s"), "--shard-size", "100"]) == 0
+    index = json.loads((tmp_path / "s" / "train" / "shardindex.json").read_text())
+    assert [e["nsamples"] for e in index["shardlist"]] == [100, 100, 50] and index["classes"][0] == "airplane"
+    dm = build_datamodule("webdataset", str(tmp_path / "s" / "train" / "shard-{000000..000002}.tar"), 32, num_workers=0)
+    assert dm.num_train == 250 and dm.classes == index["classes"] and not dm.has_test
+    with pytest.raises(MimkitError, match="already holds shards"):
+        from mimkit.data.shards import write_shards
+
+        write_shards(real["folder"], tmp_path / "s")
