@@ -195,3 +195,23 @@ def test_shards_from_an_image_folder(real, tmp_path):
         from mimkit.data.shards import write_shards
 
         write_shards(real["folder"], tmp_path / "s")
+
+
+def test_labelled_downstream_source_reads_hf_rows_and_refuses_shards(real):
+    import io
+
+    from PIL import Image
+
+    from mimkit.eval.labelled import labelled_train_source
+
+    hf = build_datamodule("hf", real["hf"], 32, num_workers=0)
+    src = labelled_train_source(hf)
+    first = Path(hf.listing.train.files[0])  # a row name, not a file: the source reads the Arrow row
+    assert not first.exists() and len(src) == 250 and int(src.labels[0]) == 0
+    datasets = pytest.importorskip("datasets")
+    row = datasets.load_from_disk(str(real["hf"]))["train"].cast_column("image", datasets.Image(decode=False))[0]
+    with Image.open(io.BytesIO(row["image"]["bytes"])) as im:
+        assert list(src.pil(0).getdata()) == list(im.convert("RGB").getdata())
+    wds = build_datamodule("webdataset", real["shards"], 32, num_workers=0)
+    with pytest.raises(MimkitError, match="webdataset is streamed"):
+        labelled_train_source(wds)

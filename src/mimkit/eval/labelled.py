@@ -86,8 +86,9 @@ class LabelledSource:
 
     labels: Tensor                       # int64 (N,)
     images: Tensor | None = None         # uint8 (N, C, H, W), in memory
-    files: list[str] | None = None       # or image files
+    files: list[str] | None = None       # or image files (names, for messages, when ``opener`` reads them)
     mode: str = "RGB"                    # PIL mode for files
+    opener: Callable[[int], Image.Image] | None = None  # reads item i (e.g. an Arrow row of data.name=hf)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -97,7 +98,7 @@ class LabelledSource:
             x = self.images[index]
             arr = x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
             return Image.fromarray(arr)
-        with Image.open(self.files[index]) as im:
+        with (self.opener(index) if self.opener is not None else Image.open(self.files[index])) as im:
             return im.convert(self.mode)
 
 
@@ -111,7 +112,10 @@ def labelled_train_source(data) -> LabelledSource:
     if hasattr(data, "listing"):  # FolderDataModule
         files = data.listing.train
         return LabelledSource(labels=torch.as_tensor(files.labels, dtype=torch.int64), files=list(files.files),
-                              mode="L" if data.in_chans == 1 else "RGB")
+                              mode="L" if data.in_chans == 1 else "RGB", opener=data._datasets["train"].open_image)
+    if data.name == "webdataset":
+        raise MimkitError("data.name=webdataset is streamed; the linear probe and fine-tuning read images by index: "
+                          "give them the same images as an image folder or a datasets folder (data.name=hf)")
     raise MimkitError(f"data module {type(data).__name__} does not expose its training images")
 
 
