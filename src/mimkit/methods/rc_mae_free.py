@@ -22,7 +22,7 @@ step, a correction added to the final gradients that stands in for ``gamma * gra
     (for residuals with per-element variance ``sigma^2``, ``E ||J^T r||^2 = sigma^2 ||J||_F^2``). For the
     head this gives the exact weights in expectation. Cross-layer and cross-token terms are dropped
     (block-diagonal, K-FAC-like); ``docs/analysis.md`` measures how close this is on a ViT.
-* Norm weights/biases, the cls and mask tokens get no correction (0.03 % of a ViT-Ti's parameters; no D kept);
+* Norm weights/biases, the cls and mask tokens get no correction (about 0.3 % of the parameters; no D kept);
   the position embeddings are fixed. ``method.correction_tokens=K`` (0 = all) estimates each layer's ``A``
   from at most K tokens per image (a strided subset that moves with the step), the cost knob.
 
