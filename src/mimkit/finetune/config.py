@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mimkit.config import DataConfig, ModelConfig
+from mimkit.config import LOGGERS, DataConfig, ModelConfig
 from mimkit.errors import MimkitError
 from mimkit.eval import settings
 

@@ -212,7 +212,8 @@ class Finetuner:
         # what can fail on user input fails before anything is written (an empty new folder is reusable)
         data, init, encoder_state = self._inputs(cfg, init, state is not None)
         dropped = truncate_metrics(run_dir / "metrics.jsonl", state["global_step"]) if state is not None else 0
-        log = RunLog(run_dir, echo=self.echo, purge_step=(state["global_step"] + 1) if state else None)
+        log = RunLog(run_dir, echo=self.echo, purge_step=(state["global_step"] + 1) if state else None,
+                     loggers=cfg.train.loggers, config=settings.to_dict(cfg))
         try:
             if dropped:
                 log.info(f"dropped {dropped} metrics lines logged after the last checkpoint")
