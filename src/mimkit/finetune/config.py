@@ -34,6 +34,7 @@ class FinetuneTrainConfig:
     log_every: int = 10                # optimiser steps between metrics.jsonl lines
     ckpt_every: int = 0                # epochs between kept epoch_XXXX.pt (0: only last.pt and best.pt)
     device: str = "auto"               # auto | cpu | cuda
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow, csv (several: a,b)
 
 
 @dataclass
@@ -95,6 +96,10 @@ def validate(cfg: FinetuneConfig) -> FinetuneConfig:
         raise MimkitError(f"train.layer_decay must be in (0, 1] (1 = no decay), got {t.layer_decay}")
     if len(t.betas) != 2:
         raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
+    unknown = [name for name in t.loggers if name not in LOGGERS]
+    if unknown:
+        raise MimkitError(f"unknown logger(s) {', '.join(map(repr, unknown))} in train.loggers; accepted: "
+                          f"{', '.join(LOGGERS)} (several separated by commas, or [] for none)")
     if not 0.0 <= cfg.model.drop_path < 1.0:
         raise MimkitError(f"model.drop_path must be in [0, 1), got {cfg.model.drop_path}")
     if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
