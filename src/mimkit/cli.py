@@ -17,7 +17,8 @@ from mimkit.errors import MimkitError
 
 #: modules that add their own subcommands: each has ``register(groups, common)`` where ``groups`` maps
 #: "top", "eval", "visualize", "analyze" to argparse sub-parser collections and ``common`` is :func:`_common`.
-COMMAND_MODULES: list[str] = ["mimkit.bench", "mimkit.export_commands", "mimkit.analysis.commands", "mimkit.eval.commands"]
+COMMAND_MODULES: list[str] = ["mimkit.bench", "mimkit.export_commands", "mimkit.analysis.commands", "mimkit.eval.commands",
+                             "mimkit.data_commands"]
 
 
 def _common(*, checkpoint: bool = False, which: bool = False, output: bool = True) -> argparse.ArgumentParser:
