@@ -321,3 +321,27 @@ def test_bench_has_rc_mae_free_rows(tmp_path):
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     # the curvature statistics are counted FLOPs (in the backward), fewer with 4 tokens per image
     assert rows["RC-MAE-free"]["flop_ratio"] > rows["RC-MAE-free (4 tokens)"]["flop_ratio"] > 1.0
+
+
+def test_resume_through_the_trainer_is_exact(tmp_path):
+    """Checkpoints hold D (method_state); 1 epoch + --resume to 2 == 2 epochs straight (losses, weights, D)."""
+    from mimkit.train.loop import pretrain
+
+    items = TINY + ["method.name=rc-mae-free", "data.max_train=128", "data.max_test=64", "train.batch_size=32",
+                    "train.log_every=1", "train.deterministic=true", "train.warmup_epochs=0",
+                    "train.lr=1e-3", "train.min_lr=1e-3"]  # constant lr: the 1-epoch run is a prefix of the 2-epoch one
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    pretrain(build_config("demo", items + ["train.epochs=2"]), full, show_progress=False, echo=False)
+    pretrain(build_config("demo", items + ["train.epochs=1"]), cut, show_progress=False, echo=False)
+    pretrain(build_config("demo", items + ["train.epochs=1"]), cut, resume=True, overrides=("train.epochs=2",),
+             show_progress=False, echo=False)
+    a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    ca = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    cb = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(ca["student"][k], cb["student"][k]) for k in ca["student"])
+    Da, Db = ca["method_state"]["D"], cb["method_state"]["D"]
+    assert max(float(v.abs().max()) for v in Da.values()) > 0
+    assert all(torch.equal(Da[k], Db[k]) for k in Da)
