@@ -8,6 +8,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -211,7 +212,7 @@ def test_labelled_downstream_source_reads_hf_rows_and_refuses_shards(real):
     datasets = pytest.importorskip("datasets")
     row = datasets.load_from_disk(str(real["hf"]))["train"].cast_column("image", datasets.Image(decode=False))[0]
     with Image.open(io.BytesIO(row["image"]["bytes"])) as im:
-        assert list(src.pil(0).getdata()) == list(im.convert("RGB").getdata())
+        assert np.array_equal(np.asarray(src.pil(0)), np.asarray(im.convert("RGB")))
     wds = build_datamodule("webdataset", real["shards"], 32, num_workers=0)
     with pytest.raises(MimkitError, match="webdataset is streamed"):
         labelled_train_source(wds)
