@@ -34,7 +34,8 @@ def prepare_run_dir(output: Path, resume: bool) -> Path:
 
 
 #: what a run writes before its first checkpoint (a folder holding only these, and no checkpoint, is a failed start)
-_START_FILES = ("train.log", "train.log.failed", "metrics.jsonl", "metrics.csv", "config.yaml", "tb", "checkpoints")
+_START_FILES = ("train.log", "train.log.failed", "metrics.jsonl", "metrics.csv", "config.yaml", "tb", "checkpoints",
+                "trackers.json", "wandb")  # the last two: train.loggers=wandb|mlflow (train/trackers.py)
 
 
 def _failed_start(output: Path) -> bool:
