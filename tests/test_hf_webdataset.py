@@ -216,3 +216,13 @@ def test_labelled_downstream_source_reads_hf_rows_and_refuses_shards(real):
     wds = build_datamodule("webdataset", real["shards"], 32, num_workers=0)
     with pytest.raises(MimkitError, match="webdataset is streamed"):
         labelled_train_source(wds)
+
+
+@pytest.mark.parametrize("source,module", [("hf", "datasets"), ("webdataset", "webdataset")])
+def test_a_missing_data_package_names_its_extra(tmp_path, monkeypatch, source, module):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(MimkitError) as e:
+        build_datamodule(source, tmp_path, 32)
+    assert str(e.value) == (f"data.name={source} needs the `{module}` package: pip install 'mimkit[{source}]'")
