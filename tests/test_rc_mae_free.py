@@ -203,6 +203,7 @@ def test_correction_tokens_subsample_is_close_and_head_stays_exact():
     (["method.mask_mode=different"], "method.mask_mode=different is not available with rc-mae-free"),
     (["method.correction_tokens=-1"], "method.correction_tokens must be an integer >= 0"),
     (["train.compile=true"], "train.compile=true is not available with rc-mae-free"),
+    (["method.correction_scope=body"], "unknown value 'body' for method.correction_scope; accepted: all, head"),
 ])
 def test_config_errors(items, message):
     with pytest.raises(MimkitError, match=message):
@@ -313,7 +314,7 @@ def test_fidelity_probe_is_exact_at_the_head_and_command_writes_a_table(tmp_path
 def test_bench_has_rc_mae_free_rows(tmp_path):
     from mimkit.bench import main as bench_main, select_rows
 
-    assert select_rows("rc-mae-free") == ["RC-MAE-free", "RC-MAE-free (4 tokens)"]
+    assert select_rows("rc-mae-free") == ["RC-MAE-free", "RC-MAE-free (4 tokens)", "RC-MAE-free (head only)"]
     out = tmp_path / "bench.json"
     assert bench_main(["--img", "16", "--patch", "4", "--batch", "4", "--repeats", "1", "--warmup", "1",
                        "--methods", "mae,rc-mae-free", "--no-memory", "--no-gemm-profile", "--no-write",
@@ -345,3 +346,17 @@ def test_resume_through_the_trainer_is_exact(tmp_path):
     Da, Db = ca["method_state"]["D"], cb["method_state"]["D"]
     assert max(float(v.abs().max()) for v in Da.values()) > 0
     assert all(torch.equal(Da[k], Db[k]) for k in Da)
+
+
+def test_head_scope_keeps_only_the_exact_part():
+    full, head = _method(), _method("rc-mae-free", "method.correction_scope=head")
+    _train(full, 2)
+    names = ["student.decoder.pred.weight", "student.decoder.pred.bias"]
+    head.student.load_state_dict(full.student.state_dict())
+    head.load_method_state_dict({"D": {n: full.D[n] for n in names}})
+    assert sorted(head.corrected_parameters()) == sorted(names)
+    images = _images(8, seed=4)
+    cf, ch = _correction(full, images, 1), _correction(head, images, 1)
+    assert sorted(ch) == sorted(names)
+    for n in names:
+        torch.testing.assert_close(ch[n], cf[n])

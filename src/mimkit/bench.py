@@ -42,6 +42,7 @@ METHOD_ROWS = {
     "RC-MAE-D": ["method.name=rc-mae", "method.mask_mode=different"],
     "RC-MAE-free": ["method.name=rc-mae-free"],   # no teacher: the consistency correction inside the step (issue 15)
     "RC-MAE-free (4 tokens)": ["method.name=rc-mae-free", "method.correction_tokens=4"],  # curvature from 4 tokens/image
+    "RC-MAE-free (head only)": ["method.name=rc-mae-free", "method.correction_scope=head"],
     **{f"SdAE ({mode})": ["method.name=sdae", f"method.teacher_input={mode}", "method.ema_unit=step"]
        for mode in ("full", "masked", "crop", "multifold")},
 }

@@ -72,6 +72,7 @@ class MethodConfig:
     grad_align_every: int = 0          # 0 = off; K = log cos(grad L_r, grad L_c) every K steps
     # rc-mae-free (also uses gamma and the EMA keys): tokens per image for each layer's curvature (0 = all)
     correction_tokens: int = 0
+    correction_scope: str = "all"      # rc-mae-free: all (every linear map) | head (the prediction head only)
     # sdae
     teacher_input: str = "multifold"   # full | masked | crop | multifold
     folds: int = 3                     # SdAE: folds of masked tokens the teacher encodes (multifold)
@@ -135,6 +136,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"),
     "method.name": ("mae", "rc-mae", "sdae", "rc-mae-free"),
     "method.mask_mode": ("same", "different"),
+    "method.correction_scope": ("all", "head"),
     "method.momentum_schedule": ("constant", "cosine"),
     "method.ema_unit": ("step", "epoch"),
     "method.teacher_input": ("full", "masked", "crop", "multifold"),

@@ -29,7 +29,8 @@ def build_method(cfg, in_chans: int) -> Method:
         from mimkit.teacher import momentum_schedule_from
 
         return RCMAEFree(spec, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, gamma=m.gamma,
-                         momentum=momentum_schedule_from(m), correction_tokens=m.correction_tokens)
+                         momentum=momentum_schedule_from(m), correction_tokens=m.correction_tokens,
+                         correction_scope=m.correction_scope)
     if m.name == "sdae":
         from mimkit.methods.sdae import build_sdae
 

@@ -24,7 +24,8 @@ step, a correction added to the final gradients that stands in for ``gamma * gra
     (block-diagonal, K-FAC-like); ``docs/analysis.md`` measures how close this is on a ViT.
 * Norm weights/biases, the cls and mask tokens get no correction (about 0.3 % of the parameters; no D kept);
   the position embeddings are fixed. ``method.correction_tokens=K`` (0 = all) estimates each layer's ``A``
-  from at most K tokens per image (a strided subset that moves with the step), the cost knob.
+  from at most K tokens per image (a strided subset that moves with the step), the cost knob;
+  ``method.correction_scope=head`` corrects the prediction head only (the exact part; ``D`` for the head only).
 
 ``A`` is summed over accumulation micro-steps and all-reduced over processes (with the global ``sigma^2``),
 so the correction is the same whatever the process count and accumulation (up to float round-off).
@@ -49,6 +50,7 @@ from mimkit.models.vit import ModelSpec
 from mimkit.teacher import MomentumSchedule
 
 HEAD = "decoder.pred"
+SCOPES = ("all", "head")
 
 
 def advance_difference(D: Tensor, delta: Tensor, momentum: float) -> Tensor:
@@ -118,7 +120,8 @@ class RCMAEFree(MAE):
     edits_gradients = True
 
     def __init__(self, spec: ModelSpec, mask_ratio: float = 0.75, norm_pix_loss: bool = True, gamma: float = 1.0,
-                 momentum: MomentumSchedule = MomentumSchedule(0.996), correction_tokens: int = 0):
+                 momentum: MomentumSchedule = MomentumSchedule(0.996), correction_tokens: int = 0,
+                 correction_scope: str = "all"):
         super().__init__(spec, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss)
         if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and math.isfinite(gamma)
                 and gamma >= 0):
@@ -129,11 +132,16 @@ class RCMAEFree(MAE):
                 and correction_tokens >= 0):
             raise MimkitError("method.correction_tokens must be an integer >= 0 (0 = every token), got "
                               f"{correction_tokens!r}")
+        if correction_scope not in SCOPES:
+            raise MimkitError(f"unknown method.correction_scope {correction_scope!r}; accepted: {', '.join(SCOPES)}")
         self.gamma = float(gamma)
         self.momentum = momentum
         self.correction_tokens = correction_tokens
+        self.correction_scope = correction_scope
+        # scope "head": only the exact part (the prediction head's own D), at almost no cost
         self._taps = [_Tap(name, mod, self) for name, mod in self.student.named_modules()
-                      if isinstance(mod, nn.Linear) or name == "encoder.patch_embed.proj"]
+                      if (isinstance(mod, nn.Linear) or name == "encoder.patch_embed.proj")
+                      and (correction_scope == "all" or name == HEAD)]
         self.D: dict[str, Tensor] = {}          # S - T per corrected parameter (created at the first step)
         self._collecting = True
         self._head_weights: Tensor | None = None
