@@ -3,6 +3,7 @@ once per optimiser step, hard-linked epoch checkpoints, auto-resume, failed star
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,55 @@ def test_short_run_warns_about_warmup_and_logs_every_epoch(tmp_path, capsys):
     assert summary["knn_top1_init_teacher"] == summary["knn_top1_init_student"] == summary["knn_top1_init"]
     lines = [line for line in out.splitlines() if line.startswith("epoch 1/2")]
     assert lines and "this epoch, ETA" in lines[0]
+
+
+def test_torchrun_max_restarts_with_auto_resume_recovers_a_killed_rank(tmp_path):
+    """2 gloo processes; rank 1 is SIGKILLed after step 6 (step checkpoint at 4); torchrun restarts both and
+    --auto-resume continues from last.pt: the same losses and weights as an uninterrupted 2-process run."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    args = ["pretrain", "--auto-resume", "--no-progress", *sets(
+        "data.max_train=256", "data.max_test=64", "train.epochs=2", "train.log_every=1", "train.deterministic=true",
+        "train.batch_size=16", "train.ckpt_every_steps=4", "method.name=rc-mae")]
+    runs = {}
+    for name, kill in (("full", "0"), ("killed", "6")):
+        out = tmp_path / name
+        with socket.socket() as sock:  # a fixed free port: the restarted workers meet again at the same endpoint
+            sock.bind(("localhost", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", str(driver), kill,
+               str(tmp_path / f"{name}.mark"),
+               *args, "--output", str(out)]
+        env = {k: v for k, v in ENV.items() if k != "MASTER_PORT"}  # (MASTER_PORT=0 hangs the restarted workers)
+        proc = subprocess.run(cmd, env={**env, "KILL_RANK": "1"}, capture_output=True, text=True, cwd=tmp_path,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        runs[name] = out
+    assert (tmp_path / "killed.mark").exists() and not (tmp_path / "full.mark").exists()
+    log = (runs["killed"] / "train.log").read_text()
+    assert "resumed" in log and "micro-batch 4 of epoch 1, step 4" in log.replace(")", "").replace("(", "")
+    a, b = read_metrics(runs["full"]), read_metrics(runs["killed"])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 17))
+    assert a == b
+    wa = torch.load(runs["full"] / "checkpoints" / "last.pt", weights_only=True)
+    wb = torch.load(runs["killed"] / "checkpoints" / "last.pt", weights_only=True)
+    for part in ("student", "teacher"):
+        assert all(torch.equal(wa[part][k], wb[part][k]) for k in wa[part]), part
+
+
+def test_thread_defaults_only_fill_what_is_unset():
+    from mimkit.runtime import THREAD_ENV_DEFAULTS, configure_threads
+
+    env: dict[str, str] = {}
+    assert configure_threads(env) == THREAD_ENV_DEFAULTS == {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert configure_threads(env) == {"KMP_BLOCKTIME": "0"} and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {"MIMKIT_THREAD_DEFAULTS": "0"}
+    assert configure_threads(env) == {} and "OMP_WAIT_POLICY" not in env
+    # main() sets them first thing, and importing the CLI does not load torch, so they are set before torch loads
+    code = ("import os, sys; import mimkit.cli as cli; loaded = 'torch' in sys.modules; "
+            "cli.main(['presets']); print(os.environ['OMP_WAIT_POLICY'], loaded)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["PASSIVE", "False"]

@@ -1,14 +1,45 @@
-"""Small helpers shared by the trainer and the evaluation/export commands: device and data from a config."""
+"""Small helpers shared by the trainer and the evaluation/export commands: threads, device and data from a config.
+
+This module does not import torch at import time, so :func:`configure_threads` can run before torch starts its
+OpenMP thread pool (the wait policy is read once, when the OpenMP runtime loads).
+"""
 
 from __future__ import annotations
 
-import torch
+import os
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING
 
 from mimkit.errors import MimkitError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+#: what the ``mimkit`` command sets before torch loads, unless the variable is already set (issue 14 item 8):
+#: OpenMP threads that run out of work sleep at once instead of spinning, so two jobs sharing cores do not burn
+#: each other's time (GNU OpenMP: OMP_WAIT_POLICY; Intel OpenMP: KMP_BLOCKTIME)
+THREAD_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+
+
+def configure_threads(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Apply :data:`THREAD_ENV_DEFAULTS` to ``environ`` (default ``os.environ``) where unset; returns what was set.
+
+    Must run before ``import torch`` to take effect. Override by setting the variables yourself (e.g.
+    ``OMP_WAIT_POLICY=ACTIVE`` for a machine the job has to itself); ``MIMKIT_THREAD_DEFAULTS=0`` sets nothing.
+    The number of intra-op threads stays torch's default (the physical cores) unless ``OMP_NUM_THREADS`` is set.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("MIMKIT_THREAD_DEFAULTS", "1") == "0":
+        return {}
+    applied = {k: v for k, v in THREAD_ENV_DEFAULTS.items() if k not in environ}
+    environ.update(applied)
+    return applied
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; an unavailable CUDA request is a user error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
