@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    study.retire_incomplete_cost()
     tasks = study.tasks()
     runnable = {t.key for t in tasks if t.kind in only}
     show = not args.no_progress and sys.stderr.isatty()

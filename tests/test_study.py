@@ -170,6 +170,16 @@ def test_only_never_starts_from_unfinished_inputs_and_report_errors_do_not_stop_
     assert any("could not rewrite the report" in line and "bad number" in line for line in lines)
 
 
+def test_a_cost_measurement_missing_a_variant_is_measured_again(tmp_path):
+    st = make_study(tmp_path)
+    put(st.cost_file(), {"step_s": {v: 0.3 for v in st.variants()}})
+    st.retire_incomplete_cost()
+    assert st.cost_file().exists()
+    put(st.cost_file(), {"step_s": {"mae": 0.3}, "skipped": {"rc-mae-free": "unknown method"}})
+    st.retire_incomplete_cost()
+    assert not st.cost_file().exists() and len(list(st.root.glob("cost-*.json"))) == 1
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_moved_aside(tmp_path):
     st = make_study(tmp_path)
     run = st.run_dir("mae", 0)

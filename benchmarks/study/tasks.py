@@ -103,6 +103,18 @@ class Study:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(run, dest)
 
+    def retire_incomplete_cost(self) -> None:
+        """A cost measurement that lacks a variant of the profile (e.g. made by a mimkit that could not build it)
+        is moved aside, so the cost task measures every variant again, interleaved."""
+        import json
+
+        try:
+            measured = set(json.loads(self.cost_file().read_text())["step_s"])
+        except (OSError, ValueError, KeyError):
+            return
+        if set(self.variants()) - measured:
+            os.replace(self.cost_file(), self.cost_file().with_name(f"cost-{time.strftime('%Y%m%d-%H%M%S')}.json"))
+
     def pretrain_argv(self, variant: str, seed: int) -> list[str]:
         run = self.run_dir(variant, seed)
         self._clear_unfinished(run)
