@@ -207,11 +207,13 @@ def test_torchrun_max_restarts_with_auto_resume_recovers_a_killed_rank(tmp_path)
         with socket.socket() as sock:  # a fixed free port: the restarted workers meet again at the same endpoint
             sock.bind(("localhost", 0))
             port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=3",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", str(driver), kill,
                str(tmp_path / f"{name}.mark"),
                *args, "--output", str(out)]
-        env = {k: v for k, v in ENV.items() if k != "MASTER_PORT"}  # (MASTER_PORT=0 hangs the restarted workers)
+        # (MASTER_PORT=0 hangs the restarted workers; on a loaded machine a restarted round can also fail to connect
+        # its gloo mesh in time, which further restarts absorb: the kill happens once, the result must be exact)
+        env = {k: v for k, v in ENV.items() if k != "MASTER_PORT"}
         proc = subprocess.run(cmd, env={**env, "KILL_RANK": "1"}, capture_output=True, text=True, cwd=tmp_path,
                               timeout=300)
         errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
