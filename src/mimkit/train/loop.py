@@ -135,7 +135,7 @@ class PretrainTask:
             log.metrics({"step": step, "epoch": epoch, **{k: float(v) for k, v in after_epoch.items()}})
         has_labels = self.data.classes is not None and self.data.has_test
         if cfg.eval.knn_every and done % cfg.eval.knn_every == 0 and done < tr.epochs and has_labels:
-            res = self.trainer._knn(method, self.data, cfg, self.device, self.eval_which, self.show, env)
+            res = self.trainer._knn(method, self.data, cfg, self.device, self.eval_which, self.show, env, log)
             log.metrics({"step": step, "epoch": epoch, **res})
             log.scalar("eval/knn_top1", res["knn_top1"], step)
             log.info(f"epoch {done}: kNN top-1 {res['knn_top1']:.4f}")
@@ -275,7 +275,7 @@ class Trainer:
         has_labels = data.classes is not None and data.has_test
         eval_which = cfg.eval.which or method.default_which
         if ckpt is None and cfg.eval.knn_init and has_labels:
-            res = self._knn(method, data, cfg, device, eval_which, show, env)
+            res = self._knn(method, data, cfg, device, eval_which, show, env, log)
             extra["knn_top1_init"] = res["knn_top1"]
             log.info(f"kNN top-1 at initialisation ({eval_which}): {res['knn_top1']:.4f}")
 
@@ -292,10 +292,13 @@ class Trainer:
                             pictures, eval_which, show, wall_before - t_start, step, schedule, env)
 
     # ------------------------------------------------------------------------------------------------
-    def _knn(self, method: Method, data, cfg: Config, device, which: str, show: bool, env: DistEnv) -> dict[str, float]:
+    def _knn(self, method: Method, data, cfg: Config, device, which: str, show: bool, env: DistEnv,
+             log=None) -> dict[str, float]:
+        """kNN of one encoder; without a progress bar, the feature extraction logs its rate and time left."""
+        say = log.info if log is not None and not show and env.is_main else None
         return evaluate_knn(method.encoder(which), data, device=device, k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
                             pool=cfg.eval.pool, batch_size=cfg.eval.batch_size, show_progress=show,
-                            shard=(env.rank, env.world_size), gather=lambda t: gather_tensors(t, env))
+                            shard=(env.rank, env.world_size), gather=lambda t: gather_tensors(t, env), log=say)
 
     def _pictures(self, method: Method, images, data, path: Path, which: str) -> Path | None:
         return save_reconstruction_grid(method, images, path, data.mean, data.std, seed=0, which=which)
@@ -320,13 +323,13 @@ class Trainer:
         if "teacher_regime" in extra:
             summary["teacher_regime"] = extra["teacher_regime"]
         if data.classes is not None and data.has_test:
-            res = self._knn(method, data, cfg, device, which, show, env)
+            res = self._knn(method, data, cfg, device, which, show, env, log)
             summary.update(res)
             log.scalar("eval/knn_top1", res["knn_top1"], step)
             if teacher:  # both encoders of a teacher method (issue 17 item 4)
                 other = "student" if which == "teacher" else "teacher"
                 summary[f"knn_top1_{which}"] = res["knn_top1"]
-                summary[f"knn_top1_{other}"] = self._knn(method, data, cfg, device, other, show, env)["knn_top1"]
+                summary[f"knn_top1_{other}"] = self._knn(method, data, cfg, device, other, show, env, log)["knn_top1"]
         if not env.is_main:
             return summary
         png = self._pictures(method, pictures, data, run_dir / "reconstructions" / "final.png", which)
