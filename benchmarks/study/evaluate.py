@@ -57,9 +57,9 @@ def cmd_frozen(argv: list[str]) -> int:
     from mimkit.config import config_from_dict
     from mimkit.eval.knn import knn_accuracy
     from mimkit.eval.linprobe import ProbedEncoder, build_linprobe_config, run_linprobe
-    from mimkit.eval.loading import checkpoint_in_chans, load_pretrained_encoder, read_pretraining_checkpoint
+    from mimkit.eval.loading import (checkpoint_in_chans, load_pretrained_encoder, random_init_encoder,
+                                     read_pretraining_checkpoint)
     from mimkit.eval.robustness import evaluate_robustness
-    from mimkit.methods import build_method
     from mimkit.runtime import datamodule_from_config
     from mimkit.train.runlog import write_json
 
@@ -67,8 +67,8 @@ def cmd_frozen(argv: list[str]) -> int:
     ckpt = read_pretraining_checkpoint(a.checkpoint)
     if a.random_init is not None:  # the reference point: what pre-training has to beat
         cfg = config_from_dict(ckpt["config"])
-        torch.manual_seed(a.random_init)
-        enc, method_name, saved = build_method(cfg, checkpoint_in_chans(ckpt)).encoder("student"), "init", ckpt["config"]
+        enc = random_init_encoder(cfg, checkpoint_in_chans(ckpt), a.random_init)
+        method_name, saved = "init", ckpt["config"]
         epoch = 0
     else:
         pre = load_pretrained_encoder(a.checkpoint, a.which, ckpt)
