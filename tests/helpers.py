@@ -14,3 +14,49 @@ def sets(*items: str) -> list[str]:
     for item in (*TINY, *items):
         out += ["--set", item]
     return out
+
+
+def run_tree(cmd: list[str], timeout: float, **kwargs):
+    """Run ``cmd`` with its output in files (never pipes) and, past ``timeout`` seconds, SIGKILL it and every
+    process below it, then raise ``subprocess.TimeoutExpired``. torchrun starts its workers in sessions of their
+    own, so killing torchrun's process group leaves them alive; collecting descendants by parent id reaches them.
+    Returns a CompletedProcess with text stdout/stderr."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True, **kwargs)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGSTOP)  # frozen, it cannot start a worker between the scan and the kill
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
+            raise
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root``, from /proc's parent ids (Linux)."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -2,13 +2,11 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-
-from helpers import sets
+from helpers import run_tree, sets
 
 COMMON = ["--no-progress", *sets("data.max_train=256", "data.max_test=128", "train.epochs=2", "train.log_every=1",
                                   "train.deterministic=true", "train.accum_steps=2")]
@@ -16,7 +14,7 @@ COMMON = ["--no-progress", *sets("data.max_train=256", "data.max_test=128", "tra
 
 def _run(cmd, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "0"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = run_tree(cmd, timeout=300, env=env, cwd=tmp_path)  # kills torchrun's workers too on a time-out
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 

@@ -3,7 +3,6 @@ once per optimiser step, hard-linked epoch checkpoints, auto-resume, failed star
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_tree, sets
 from PIL import Image
 
-from helpers import sets
 from mimkit.cli import main
 from mimkit.train.checkpoint import atomic_link, atomic_save
 
@@ -215,18 +214,13 @@ def test_torchrun_max_restarts_with_auto_resume_recovers_a_killed_rank(tmp_path)
         # (MASTER_PORT=0 hangs the restarted workers; on a loaded machine a restarted round can also fail to connect
         # its gloo mesh in time, which further restarts absorb: the kill happens once, the result must be exact)
         env = {k: v for k, v in ENV.items() if k != "MASTER_PORT"}
-        # own process group: on a time-out every worker is killed (subprocess.run's timeout would kill torchrun
-        # only and then wait forever on the workers' pipes)
-        proc = subprocess.Popen(cmd, env={**env, "KILL_RANK": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=tmp_path, start_new_session=True)
-        try:
-            _, stderr = proc.communicate(timeout=240)
+        try:  # output in files, and on a time-out every worker killed too (torchrun gives them sessions of their own)
+            proc = run_tree(cmd, timeout=240, env={**env, "KILL_RANK": "1"}, cwd=tmp_path)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
             # a restarted round that cannot rendezvous on a heavily loaded machine hangs in torch's c10d store
             # (seen only with other jobs on the same cores); the exactness checks below need the run to finish
             pytest.skip(f"torchrun {name} run did not finish within 240 s on this machine (rendezvous under load)")
+        stderr = proc.stderr
         errors = [line for line in stderr.splitlines() if "Error" in line or "error" in line]
         assert proc.returncode == 0, "\n".join(errors[-20:]) + stderr[-1500:]
         runs[name] = out
@@ -257,3 +251,16 @@ def test_thread_defaults_only_fill_what_is_unset():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[-2:] == ["PASSIVE", "False"]
+
+
+def test_run_tree_kills_workers_that_live_in_sessions_of_their_own(tmp_path):
+    """The time-out path the torchrun tests rely on: a worker started in a new session (as torchrun starts them),
+    holding the output open, is killed too, and the call returns instead of waiting on it."""
+    code = ("import subprocess, sys, time; "
+            "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); "
+            f"open({str(tmp_path / 'pid')!r}, 'w').write(str(w.pid)); time.sleep(300)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_tree([sys.executable, "-c", code], timeout=3)
+    pid = int((tmp_path / "pid").read_text())
+    state = Path(f"/proc/{pid}/stat")
+    assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone (or a zombie)
