@@ -85,7 +85,7 @@ def pretrain_rows(args, work: Path) -> list[dict]:
     import torch
 
     from mimkit.config import build_config
-    from mimkit.train.loop import pretrain
+    from mimkit.api import pretrain
 
     epochs, per_epoch = _epochs_for(args.steps, args.size)
     rows = []

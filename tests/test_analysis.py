@@ -16,7 +16,7 @@ from mimkit.analysis.trends import trend_verdicts
 from mimkit.errors import MimkitError
 from mimkit.teacher import EMATeacher
 
-ANALYSIS = "mimkit.analysis.commands"
+ANALYSIS = "mimkit.commands.analyze"
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from helpers import TINY
 from mimkit import cli
-from mimkit.attention import (
+from mimkit.viz.attention import (
     block_attention,
     cls_attention,
     default_query,
@@ -39,8 +39,8 @@ def encoder(in_chans: int = 1, seed: int = 0) -> ViTEncoder:
 
 @pytest.fixture
 def run_cli(monkeypatch):
-    if "mimkit.export_commands" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "mimkit.export_commands"])
+    if "mimkit.commands.interop" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "mimkit.commands.interop"])
     return cli.main
 
 

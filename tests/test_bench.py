@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from mimkit.bench import _gemm_flops, main as bench_main

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from mimkit import cli
 from mimkit.config import Config
-from mimkit.config_reference import commands, markdown, missing_meanings
+from mimkit.config.reference import commands, markdown, missing_meanings
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
 

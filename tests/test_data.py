@@ -30,7 +30,7 @@ from mimkit.data import (
     write_idx,
 )
 from mimkit.data.augment import crop_flip_thetas
-from mimkit.data.module import InMemoryDataModule
+from mimkit.data.memory import InMemoryDataModule
 from mimkit.errors import MimkitError
 
 REPO = Path(__file__).resolve().parents[1]

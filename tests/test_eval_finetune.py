@@ -9,12 +9,14 @@ import torch
 
 from helpers import sets
 from mimkit import cli
-from mimkit.finetune import Init, ViTClassifier, build_finetune_config, finetune, layer_decay_groups
+from mimkit.config.finetune import build_finetune_config
+from mimkit.finetune import Init, finetune
+from mimkit.models.classifier import ViTClassifier, layer_decay_groups
 from mimkit.finetune.trainer import build_mixup
 from mimkit.models.vit import EncoderSpec, ViTEncoder
 
-if "mimkit.eval.commands" not in cli.COMMAND_MODULES:
-    cli.COMMAND_MODULES.append("mimkit.eval.commands")
+if "mimkit.commands.eval" not in cli.COMMAND_MODULES:
+    cli.COMMAND_MODULES.append("mimkit.commands.eval")
 
 TINY_FT = ["train.epochs=3", "train.batch_size=32", "train.warmup_epochs=1", "train.log_every=2", "train.blr=2e-3",
            "data.max_train=128", "data.max_test=64", "eval.batch_size=64", "aug.crop_scale=[0.5,1]"]
@@ -203,3 +205,44 @@ def test_finetune_presets_are_table_10():
                                                                                                    epochs)
         assert cfg.train.blr == 5e-4 and cfg.train.warmup_epochs == 5
         assert cfg.train.batch_size * cfg.train.accum_steps == 1024
+
+
+def test_finetuning_resumes_exactly_from_a_step_checkpoint_inside_an_epoch(tmp_path, pretrained, monkeypatch):
+    """``train.ckpt_every_steps``: a run stopped right after the mid-epoch checkpoint of step 6 (epoch 2, micro-batch
+    2 of 4) and resumed gives the uninterrupted run's metrics lines and weights (mixup, random erasing, drop path:
+    the RNG states travel in the checkpoint; the batches are functions of (seed, epoch, index))."""
+    from mimkit.train.engine import Engine
+
+    ckpt = torch.load(pretrained, weights_only=True)
+    cfg = build_finetune_config(None, TINY_FT + ["train.deterministic=true", "train.log_every=1",
+                                                 "train.ckpt_every_steps=3", "model.drop_path=0.1"], ckpt["config"])
+    init = Init(str(pretrained), None, False)
+    full = finetune(cfg, tmp_path / "full", init=init, show_progress=False, echo=False)
+
+    class Stop(Exception):
+        pass
+
+    original = Engine._step_checkpoint
+
+    def stop_after_step_6(self, epoch, next_micro, step, *rest):
+        original(self, epoch, next_micro, step, *rest)
+        if step == 6:
+            raise Stop
+
+    monkeypatch.setattr(Engine, "_step_checkpoint", stop_after_step_6)
+    with pytest.raises(Stop):
+        finetune(cfg, tmp_path / "cut", init=init, show_progress=False, echo=False)
+    monkeypatch.setattr(Engine, "_step_checkpoint", original)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["global_step"], state["epoch_micro"]) == (1, 6, 2)
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:  # a line the "killed" run logged after the checkpoint
+        f.write(json.dumps({"step": 7, "epoch": 1, "loss": 9.0}) + "\n")
+    resumed = finetune(None, tmp_path / "cut", resume=True, show_progress=False, echo=False)
+    assert "at epoch 1 (micro-batch 2 of epoch 2), step 6" in (tmp_path / "cut" / "train.log").read_text()
+    strip = lambda path: [{k: v for k, v in json.loads(x).items() if k != "imgs_per_s"}  # noqa: E731
+                          for x in (path / "metrics.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "full") == strip(tmp_path / "cut")
+    assert full["history"] == resumed["history"]
+    wa = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["student"]
+    wb = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["student"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

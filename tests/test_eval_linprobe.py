@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from mimkit.data.module import InMemoryDataModule
+from mimkit.data.memory import InMemoryDataModule
 from mimkit.errors import MimkitError
 from mimkit.data.sources import ImageSplit, InMemoryData
 from mimkit.eval.knn import extract_features
-from mimkit.eval.linprobe import LinearProbe, auto_blr, build_linprobe_config, lars_for_probe, run_linprobe
+from mimkit.config.linprobe import build_linprobe_config
+from mimkit.eval.linprobe import LinearProbe, auto_blr, lars_for_probe, run_linprobe
 from mimkit.models.vit import EncoderSpec, ViTEncoder
 
 

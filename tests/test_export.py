@@ -17,7 +17,7 @@ from helpers import TINY
 from mimkit import cli
 from mimkit.config import build_config
 from mimkit.errors import MimkitError
-from mimkit.export import check_export, export_hf_mae, export_hf_vit, export_timm
+from mimkit.interop.export import check_export, export_hf_mae, export_hf_vit, export_timm
 from mimkit.interop import import_checkpoint
 from mimkit.interop import keys as K
 from mimkit.interop.foreign import imported_checkpoint
@@ -61,8 +61,8 @@ def official_state(mae: MaskedAutoencoder, with_decoder: bool = True) -> dict:
 @pytest.fixture
 def run_cli(monkeypatch):
     """``mimkit`` main with this module's commands registered (whether or not cli.py lists them yet)."""
-    if "mimkit.export_commands" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "mimkit.export_commands"])
+    if "mimkit.commands.interop" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "mimkit.commands.interop"])
     return cli.main
 
 

@@ -10,7 +10,9 @@ from PIL import Image
 
 from mimkit import cli
 from mimkit.data import build_datamodule
-from mimkit.data.module import FolderDataModule, InMemoryDataModule, sample_indices
+from mimkit.data.folder_module import FolderDataModule
+from mimkit.data.memory import InMemoryDataModule
+from mimkit.data.module import sample_indices
 from mimkit.errors import MimkitError
 
 
@@ -182,7 +184,7 @@ def test_help_and_pictures(tmp_path, capsys):
     # reconstruction pictures carry column titles above the four panels
     from mimkit.config import build_config
     from mimkit.methods import build_method
-    from mimkit.viz import save_reconstruction_grid
+    from mimkit.viz.reconstructions import save_reconstruction_grid
 
     cfg = build_config(None, ["method.name=mae", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
                               "model.depth=1", "model.num_heads=2", "model.decoder_dim=32", "model.decoder_depth=1",
@@ -197,8 +199,9 @@ def test_frozen_scores_are_the_knn_and_probe_of_the_commands():
     from mimkit.config import build_config
     from mimkit.eval.frozen import frozen_scores
     from mimkit.eval.knn import evaluate_knn
-    from mimkit.eval.linprobe import build_linprobe_config, run_linprobe
-    from mimkit.eval.loading import random_init_encoder
+    from mimkit.config.linprobe import build_linprobe_config
+    from mimkit.eval.linprobe import run_linprobe
+    from mimkit.interop.loading import random_init_encoder
     from mimkit.runtime import datamodule_from_config
 
     cfg = build_config(None, ["method.name=mae", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",

@@ -11,11 +11,11 @@ from helpers import sets
 from mimkit import cli
 from mimkit.config import config_from_dict
 from mimkit.eval.knn import evaluate_knn
-from mimkit.eval.loading import open_checkpoint, random_init_encoder
+from mimkit.interop.loading import open_checkpoint, random_init_encoder
 from mimkit.methods import build_method
 from mimkit.runtime import datamodule_from_config
 
-for _m in ("mimkit.eval.commands", "mimkit.export_commands"):
+for _m in ("mimkit.commands.eval", "mimkit.commands.interop"):
     if _m not in cli.COMMAND_MODULES:
         cli.COMMAND_MODULES.append(_m)
 

@@ -326,7 +326,7 @@ def test_bench_has_rc_mae_free_rows(tmp_path):
 
 def test_resume_through_the_trainer_is_exact(tmp_path):
     """Checkpoints hold D (method_state); 1 epoch + --resume to 2 == 2 epochs straight (losses, weights, D)."""
-    from mimkit.train.loop import pretrain
+    from mimkit.api import pretrain
 
     items = TINY + ["method.name=rc-mae-free", "data.max_train=128", "data.max_test=64", "train.batch_size=32",
                     "train.log_every=1", "train.deterministic=true", "train.warmup_epochs=0",

@@ -20,7 +20,6 @@ cs = importlib.util.module_from_spec(_spec)
 sys.modules["cifar10_study"] = cs
 _spec.loader.exec_module(cs)
 from study import profiles, report  # noqa: E402  (importable once the entry point has put benchmarks/ on the path)
-from study.claims import CLAIMS  # noqa: E402
 
 
 def make_study(tmp_path: Path, profile: str = "fair", seeds: str = "0,1,2") -> "cs.Study":
@@ -326,8 +325,9 @@ def test_cli_rejects_bad_arguments_with_one_line(tmp_path, capsys):
 def test_frozen_evaluation_matches_the_library(tmp_path):
     from mimkit.config import config_from_dict
     from mimkit.eval.knn import evaluate_knn
-    from mimkit.eval.linprobe import ProbedEncoder, build_linprobe_config, run_linprobe
-    from mimkit.eval.loading import load_pretrained_encoder
+    from mimkit.config.linprobe import build_linprobe_config
+    from mimkit.eval.linprobe import ProbedEncoder, run_linprobe
+    from mimkit.interop.loading import load_pretrained_encoder
     from mimkit.eval.robustness import evaluate_robustness
     from mimkit.methods import build_method
     from mimkit.runtime import datamodule_from_config

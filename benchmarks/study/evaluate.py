@@ -56,8 +56,9 @@ def cmd_frozen(argv: list[str]) -> int:
 
     from mimkit.config import config_from_dict
     from mimkit.eval.knn import knn_accuracy
-    from mimkit.eval.linprobe import ProbedEncoder, build_linprobe_config, run_linprobe
-    from mimkit.eval.loading import (checkpoint_in_chans, load_pretrained_encoder, random_init_encoder,
+    from mimkit.config.linprobe import build_linprobe_config
+    from mimkit.eval.linprobe import ProbedEncoder, run_linprobe
+    from mimkit.interop.loading import (checkpoint_in_chans, load_pretrained_encoder, random_init_encoder,
                                      read_pretraining_checkpoint)
     from mimkit.eval.robustness import evaluate_robustness
     from mimkit.runtime import datamodule_from_config

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from study.profiles import (CURVE_VARIANTS, PROFILES, ROBUSTNESS_VARIANTS, VARIANTS, default_which, encoders_of,
+from study.profiles import (CURVE_VARIANTS, PROFILES, ROBUSTNESS_VARIANTS, default_which, encoders_of,
                             run_sets)
 
 HERE = Path(__file__).resolve().parent

@@ -1,6 +1,9 @@
-"""Loading a trained checkpoint for evaluation, pictures and export (shared by the CLI commands).
+"""The Python API the commands share: pre-training with the evaluation suite's kNN monitor, and loading a trained
+checkpoint for evaluation, pictures and export.
 
-Both functions are thin users of :func:`mimkit.eval.loading.open_checkpoint`, the one checkpoint reader.
+:func:`pretrain` wires :func:`mimkit.eval.knn.evaluate_knn` into the training engine (which does not import the
+evaluations); :func:`load_method` and :func:`load_for_eval` are thin users of
+:func:`mimkit.interop.loading.open_checkpoint`, the one checkpoint reader.
 """
 
 from __future__ import annotations
@@ -13,8 +16,19 @@ from torch import nn
 
 from mimkit.config import Config
 from mimkit.errors import MimkitError
-from mimkit.eval.loading import LoadedCheckpoint, open_checkpoint
+from mimkit.interop.loading import LoadedCheckpoint, open_checkpoint
 from mimkit.methods import Method
+
+
+def pretrain(cfg: Config, output, *, resume: bool | str = False, overrides: tuple[str, ...] = (),
+             show_progress: bool | None = None, echo: bool = True) -> dict:
+    """Pre-train per ``cfg`` into ``output`` with the kNN monitor (``eval.knn_every``, ``eval.knn_init`` and the
+    final kNN of ``summary.json``); see :func:`mimkit.train.loop.pretrain` for the arguments."""
+    from mimkit.eval.knn import evaluate_knn
+    from mimkit.train.loop import pretrain as run_pretraining
+
+    return run_pretraining(cfg, output, resume=resume, overrides=overrides, show_progress=show_progress, echo=echo,
+                           knn=evaluate_knn)
 
 
 @dataclass

@@ -17,8 +17,8 @@ from mimkit.errors import MimkitError
 
 #: modules that add their own subcommands: each has ``register(groups, common)`` where ``groups`` maps
 #: "top", "eval", "visualize", "analyze" to argparse sub-parser collections and ``common`` is :func:`_common`.
-COMMAND_MODULES: list[str] = ["mimkit.bench", "mimkit.export_commands", "mimkit.analysis.commands", "mimkit.eval.commands",
-                             "mimkit.data_commands"]
+COMMAND_MODULES: list[str] = ["mimkit.commands.eval", "mimkit.commands.visualize", "mimkit.commands.analyze",
+                             "mimkit.commands.interop", "mimkit.commands.data", "mimkit.bench"]
 
 
 def _common(*, checkpoint: bool = False, which: bool = False, output: bool = True) -> argparse.ArgumentParser:
@@ -60,20 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder").add_subparsers(dest="eval_command", required=True)
-    p = ev.add_parser("knn", parents=[_common(checkpoint=True, which=True)], help="weighted kNN on frozen features")
-    add_random_init(p)
-    p.set_defaults(func=cmd_eval_knn)
-
     vis = sub.add_parser("visualize", help="pictures").add_subparsers(dest="vis_command", required=True)
     ana = sub.add_parser("analyze", help="analyses of what the teacher does").add_subparsers(dest="analyze_command",
                                                                                               required=True)
-    p = vis.add_parser("reconstruction", parents=[_common(checkpoint=True, which=True, output=False)],
-                       help="original | masked | prediction | pasted, fixed masks")
-    p.add_argument("--out", required=True, metavar="FILE.png")
-    p.add_argument("--num-images", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="mask seed (same seed = same masks for any checkpoint)")
-    p.set_defaults(func=cmd_visualize_reconstruction)
-
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
 
@@ -93,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ commands
 def cmd_pretrain(args) -> int:
     from mimkit.config import build_config
-    from mimkit.train.loop import pretrain
+    from mimkit.api import pretrain
 
     extra = {}
     if args.method:
@@ -151,70 +140,6 @@ def check_preset_fits(config: str | None, cfg, overrides=()) -> None:
     )
 
 
-def cmd_eval_knn(args) -> int:
-    from mimkit.api import eval_result_name, evaluation_settings, record_evaluation, result_path
-    from mimkit.eval.knn import evaluate_knn
-    from mimkit.eval.loading import open_checkpoint, random_init_encoder
-
-    loaded = open_checkpoint(args.checkpoint, overrides=args.overrides, device=args.device)
-    cfg = loaded.config
-    seed = random_init_seed(args, cfg)
-    which = args.which or loaded.default_which
-    if seed is not None:
-        encoder = random_init_encoder(cfg, loaded.in_chans, seed).to(loaded.device)
-    else:
-        encoder = loaded.encoder(which)
-    data = loaded.datamodule()
-    name = eval_result_name("knn", which=which, default_which=loaded.default_which, random_init=seed,
-                            overrides=args.overrides)
-    out = result_path(args.checkpoint, args.output, name)
-    res = evaluate_knn(encoder, data, device=loaded.device, k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
-                       pool=cfg.eval.pool, batch_size=cfg.eval.batch_size,
-                       show_progress=not args.no_progress and sys.stderr.isatty(),
-                       log=None if args.no_progress else (lambda line: print(line, flush=True)))
-    res.update(evaluation_settings(loaded, data, which=which, random_init=seed, overrides=args.overrides),
-               k=cfg.eval.knn_k, t=cfg.eval.knn_t, pool=cfg.eval.pool)
-    record_evaluation(out, res)
-    what = f"encoder at initialisation, seed {seed}" if seed is not None else f"{which} encoder"
-    print(f"kNN top-1 ({what}, k={cfg.eval.knn_k}, {cfg.eval.pool} pool): {res['knn_top1']:.4f}  -> {out}")
-    return 0
-
-
-def random_init_seed(args, cfg) -> int | None:
-    """``--random-init [SEED]``: None when absent; the run's ``train.seed`` when given without a value."""
-    value = getattr(args, "random_init", None)
-    if value is None:
-        return None
-    if value == "run":
-        return int(cfg.train.seed)
-    try:
-        return int(value)
-    except ValueError:
-        raise MimkitError(f"--random-init takes an integer seed (or nothing: the run's train.seed), got {value!r}") from None
-
-
-def add_random_init(p) -> None:
-    p.add_argument("--random-init", nargs="?", const="run", default=None, metavar="SEED",
-                   help="evaluate the encoder at initialisation instead of the checkpoint's weights: the same config, "
-                        "freshly initialised with SEED (default: the run's train.seed, i.e. the weights it started "
-                        "from) - the baseline every pre-training result is read against")
-
-
-def cmd_visualize_reconstruction(args) -> int:
-    from mimkit.api import load_for_eval
-    from mimkit.viz import save_reconstruction_grid
-
-    loaded = load_for_eval(args.checkpoint, args.overrides, args.device, which=args.which)
-    method = loaded.need_method("a reconstruction picture")
-    images = loaded.data.sample_images(args.num_images)
-    png = save_reconstruction_grid(method, images, Path(args.out), loaded.data.mean, loaded.data.std,
-                                   seed=args.seed, which=loaded.which)
-    if png is None:
-        raise MimkitError(f"method {loaded.method.name} does not predict pixels; no reconstruction to draw")
-    print(f"reconstructions ({loaded.which}): {png}")
-    return 0
-
-
 def cmd_presets(args) -> int:
     from mimkit.config import preset_description, preset_names
 
@@ -226,7 +151,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from mimkit.config_reference import markdown, plain_list
+    from mimkit.config.reference import markdown, plain_list
 
     print(markdown() if args.markdown else plain_list(), end="")
     return 0

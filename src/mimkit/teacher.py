@@ -24,15 +24,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from mimkit.errors import MimkitError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mimkit.methods.base import Progress
+from mimkit.progress import Progress
 
 MOMENTUM_KINDS = ("constant", "cosine")
 MOMENTUM_UNITS = ("step", "epoch")

@@ -11,8 +11,10 @@ Sources: ``demo`` (embedded Fashion-MNIST subset, no path), ``fashion-mnist`` (f
 """
 
 from mimkit.data.augment import center_resize, normalize, random_resized_crop_flip, sample_crop_boxes
+from mimkit.data.folder_module import FolderDataModule
 from mimkit.data.idx import read_idx, write_idx
-from mimkit.data.module import DataModule, FolderDataModule, InMemoryDataModule, build_datamodule
+from mimkit.data.memory import InMemoryDataModule
+from mimkit.data.module import DataModule, build_datamodule
 from mimkit.data.sources import (
     IMAGE_EXTENSIONS,
     SOURCE_NAMES,

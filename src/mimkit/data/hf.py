@@ -15,7 +15,7 @@ Splits: ``train`` for training; ``test`` or else ``validation`` as the held-out 
 ``data.label_key`` (default ``label`` or ``labels`` when present; labels are optional for pre-training).
 The image column is read undecoded (``Image(decode=False)``) and decoded by PIL in the DataLoader workers,
 so decoding, unreadable-image handling, augmentation and exact resume are those of image folders
-(:class:`mimkit.data.module.FolderDataModule`: the same crops for the same (seed, epoch, index)).
+(:class:`mimkit.data.folder_module.FolderDataModule`: the same crops for the same (seed, epoch, index)).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 
 from PIL import Image
 
-from mimkit.data.module import DataModule, FolderDataModule, _FolderDataset, _subset_order
+from mimkit.data.folder_module import FolderDataModule, _FolderDataset
+from mimkit.data.module import DataModule, _subset_order
 from mimkit.data.sources import FileList, ImageTreeListing, LogFn, default_cache_dir
 from mimkit.errors import MimkitError
 

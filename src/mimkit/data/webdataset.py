@@ -45,7 +45,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimkit.data.augment import normalize
-from mimkit.data.module import DataModule, _check_positive, _check_stats, _resolve_device, mix_seed, transform_image
+from mimkit.data.folder_module import transform_image
+from mimkit.data.module import DataModule, _check_positive, _check_stats, _resolve_device, mix_seed
 from mimkit.data.sources import (LogFn, channels_mode, default_mean_std, describe_failure, report_skipped,
                                  unreadable_error)
 from mimkit.errors import MimkitError

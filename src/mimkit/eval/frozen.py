@@ -24,7 +24,8 @@ def frozen_scores(encoder: nn.Module, data, cfg, *, device, linprobe: bool = Tru
     ``eval.batch_size``; its data/model sections seed the probe's settings). ``linprobe_overrides``: ``--set`` items
     for the probe (e.g. ``train.epochs=30``).
     """
-    from mimkit.eval.linprobe import build_linprobe_config, run_linprobe
+    from mimkit.config.linprobe import build_linprobe_config
+    from mimkit.eval.linprobe import run_linprobe
 
     pool, bs = cfg.eval.pool, cfg.eval.batch_size
     train = extract_features(encoder, data.eval_batches("train", bs, device), pool, show_progress, "frozen: train",

@@ -161,12 +161,13 @@ class LabelledBatches:
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.data.steps_per_epoch(batch_size)
 
-    def epoch(self, epoch: int, batch_size: int, seed: int, device) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(images float32 (B, C, S, S) normalised, labels int64 (B,))`` on ``device``."""
-        for _, images, labels in self.chunks(epoch, batch_size, seed, device):
+    def epoch(self, epoch: int, batch_size: int, seed: int, device, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(images float32 (B, C, S, S) normalised, labels int64 (B,))`` on ``device``, from batch ``start`` of the
+        epoch (a resumed step checkpoint: batches are functions of (seed, epoch, index), so the rest is the same)."""
+        for _, images, labels in self.chunks(epoch, batch_size, seed, device, start=start):
             yield images, labels
 
-    def chunks(self, epoch: int, batch_size: int, seed: int, device, chunk: int | None = None
+    def chunks(self, epoch: int, batch_size: int, seed: int, device, chunk: int | None = None, start: int = 0
                ) -> Iterator[tuple[int, Tensor, Tensor]]:
         """``(batch index, images, labels)`` with each batch delivered in pieces of at most ``chunk`` images (a
         big linear-probe batch whose features are computed piece by piece); the images do not depend on ``chunk``."""
@@ -175,7 +176,7 @@ class LabelledBatches:
         key = mix_seed(seed, epoch)
         chunk = min(chunk or batch_size, batch_size)
         pieces, owner = [], []
-        for b in range(steps):
+        for b in range(start, steps):
             items = [(i, key) for i in order[b * batch_size:(b + 1) * batch_size]]
             for j in range(0, len(items), chunk):
                 pieces.append(items[j:j + chunk])

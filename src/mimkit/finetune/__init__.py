@@ -1,10 +1,8 @@
-"""End-to-end fine-tuning of pre-trained (or random) ViT encoders: ``mimkit finetune``."""
+"""End-to-end fine-tuning of pre-trained (or random) ViT encoders: ``mimkit finetune``, on the training engine.
 
-from mimkit.finetune.config import FinetuneConfig, build_finetune_config, finetune_config_from_dict
-from mimkit.finetune.model import ViTClassifier, layer_decay_groups
-from mimkit.finetune.trainer import Init, finetune, load_classifier
+Its settings are :mod:`mimkit.config.finetune`; the classifier is :mod:`mimkit.models.classifier`.
+"""
 
-__all__ = [
-    "FinetuneConfig", "Init", "ViTClassifier", "build_finetune_config", "finetune", "finetune_config_from_dict",
-    "layer_decay_groups", "load_classifier",
-]
+from mimkit.finetune.trainer import Init, finetune
+
+__all__ = ["Init", "finetune"]

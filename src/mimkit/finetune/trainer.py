@@ -30,15 +30,15 @@ import yaml
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from mimkit.config import parse_override
+from mimkit.config import parse_override, set_value, to_dict
 from mimkit.errors import MimkitError
-from mimkit.eval import settings
 from mimkit.eval.labelled import LabelledBatches, train_transform
-from mimkit.eval.loading import FINETUNE_METHOD, check_data_channels, check_labelled, load_pretrained_encoder
-from mimkit.finetune.config import FinetuneConfig, finetune_config_from_dict, mixing, validate
-from mimkit.finetune.evaluate import evaluate_classifier
-from mimkit.finetune.model import ViTClassifier, layer_decay_groups
-from mimkit.models.vit import ViTEncoder
+from mimkit.interop.loading import (FINETUNE_METHOD, check_data_channels, check_labelled, check_same_encoder,
+                                load_pretrained_encoder)
+from mimkit.config.finetune import FinetuneConfig, finetune_config_from_dict, mixing, validate
+from mimkit.eval.accuracy import evaluate_classifier
+from mimkit.models.classifier import ViTClassifier, layer_decay_groups
+from mimkit.models.vit import ViTEncoder, resolve_model_spec
 from mimkit.runtime import datamodule_from_config, resolve_device
 from mimkit.train.checkpoint import load_checkpoint, make_checkpoint
 from mimkit.train.engine import Engine, EpochEnd, Schedule
@@ -80,7 +80,7 @@ def default_workers(cfg: FinetuneConfig, device: torch.device) -> int:
 def build_classifier(cfg: FinetuneConfig, in_chans: int, num_classes: int,
                      encoder_state: dict[str, torch.Tensor] | None) -> ViTClassifier:
     """The classifier: the configured encoder (with the fine-tuning drop path), pre-trained weights if given."""
-    encoder = ViTEncoder(settings.encoder_spec(cfg.model, in_chans))
+    encoder = ViTEncoder(resolve_model_spec(cfg.model, in_chans).encoder)
     if encoder_state is not None:
         encoder.load_state_dict(encoder_state)
     return ViTClassifier(encoder, num_classes, cfg.head.global_pool, cfg.head.init_std)
@@ -123,9 +123,7 @@ class FinetuneTask:
         self.model.train()
 
     def batches(self, epoch: int, start: int):
-        if start:
-            raise MimkitError("fine-tuning checkpoints are written at epoch ends; a mid-epoch position cannot resume")
-        return self.loader.epoch(epoch, self.cfg.train.batch_size, self.cfg.train.seed, self.device)
+        return self.loader.epoch(epoch, self.cfg.train.batch_size, self.cfg.train.seed, self.device, start=start)
 
     def prepare(self, batch):
         images, labels = batch
@@ -170,7 +168,7 @@ class FinetuneTask:
                         keep)
 
     def checkpoint(self, step: int, epochs_done: int, extra: dict) -> dict[str, Any]:
-        return make_checkpoint(method_name=FINETUNE_METHOD, config=settings.to_dict(self.cfg),
+        return make_checkpoint(method_name=FINETUNE_METHOD, config=to_dict(self.cfg),
                                student=self.model.state_dict(), teacher=None, optimizer=self.optimizer.state_dict(),
                                scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
                                global_step=step, epoch=epochs_done, extra=extra)
@@ -205,7 +203,7 @@ class Finetuner:
                                   "run folder")
             cfg = finetune_config_from_dict(state["config"])
             for item in self.overrides:
-                settings.set_key(cfg, *parse_override(item))
+                set_value(cfg, *parse_override(item))
             validate(cfg)
             init = Init(**state["extra"]["init"])
         run_dir = prepare_run_dir(self.run_dir, self.resume)  # refuses a non-empty folder unless resuming
@@ -213,7 +211,7 @@ class Finetuner:
         data, init, encoder_state = self._inputs(cfg, init, state is not None)
         dropped = truncate_metrics(run_dir / "metrics.jsonl", state["global_step"]) if state is not None else 0
         log = RunLog(run_dir, echo=self.echo, purge_step=(state["global_step"] + 1) if state else None,
-                     loggers=cfg.train.loggers, config=settings.to_dict(cfg))
+                     loggers=cfg.train.loggers, config=to_dict(cfg))
         try:
             if dropped:
                 log.info(f"dropped {dropped} metrics lines logged after the last checkpoint")
@@ -230,7 +228,7 @@ class Finetuner:
         if not resuming and init.checkpoint is not None:
             pre = load_pretrained_encoder(init.checkpoint, init.which, self.pretrained_ckpt)
             init = Init(init.checkpoint, pre.which, init.from_scratch)
-            settings.check_same_encoder(cfg.model, pre.config["model"], pre.in_chans, init.checkpoint)
+            check_same_encoder(cfg.model, pre.config["model"], pre.in_chans, init.checkpoint)
             check_data_channels(pre.in_chans, data, init.checkpoint)
             if not init.from_scratch:
                 encoder_state = pre.encoder.state_dict()
@@ -274,9 +272,11 @@ class Finetuner:
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             start_epoch, step, extra = state["epoch"], state["global_step"], dict(state["extra"])
-            log.info(f"resumed {run_dir} at epoch {start_epoch}, step {step}")
+            micro = int(state.get("epoch_micro", 0))
+            log.info(f"resumed {run_dir} at epoch {start_epoch}" + (f" (micro-batch {micro} of epoch {start_epoch + 1})"
+                                                                   if micro else "") + f", step {step}")
         else:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(settings.to_dict(cfg), sort_keys=False))
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         extra["init"] = {"checkpoint": init.checkpoint, "which": init.which, "from_scratch": init.from_scratch}
         extra.setdefault("history", [])
         extra.setdefault("best", {"top1": -1.0, "epoch": 0})
@@ -292,7 +292,7 @@ class Finetuner:
 
         wall_before = float(extra.get("wall_time_s", 0.0))
         schedule = Schedule(tr.epochs, steps_per_epoch, tr.accum_steps, peak_lr, tr.min_lr, warmup_steps,
-                            tr.log_every, tr.clip_grad)
+                            tr.log_every, tr.clip_grad, tr.ckpt_every_steps)
         warn_schedule(schedule, log.info)
         task = FinetuneTask(self, cfg, model, data, batches, mixup, criterion, optimizer, scaler, device, log, show,
                             extra)
@@ -333,37 +333,3 @@ def finetune(cfg: FinetuneConfig, output: str | os.PathLike, *, init: Init = Ini
         raise MimkitError("fine-tuning needs --checkpoint (a pre-training checkpoint) or --from-scratch")
     return Finetuner(cfg, Path(output), init, resume, tuple(overrides), pretrained_ckpt, show_progress, echo,
                      after_epoch).run()
-
-
-def load_classifier(checkpoint: str | os.PathLike, overrides=(), device: str | None = None):
-    """A fine-tuned classifier from a ``mimkit finetune`` checkpoint -> (cfg, model in eval mode, data, device).
-
-    ``overrides`` (``--set``) apply to the saved fine-tuning config (e.g. ``data.path`` when the data moved).
-    """
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("method") != FINETUNE_METHOD:
-        raise MimkitError(f"{checkpoint} is a pre-training checkpoint (method {ckpt.get('method')}); this command "
-                          "evaluates a fine-tuned classifier: run `mimkit finetune --checkpoint ...` first")
-    cfg = finetune_config_from_dict(ckpt["config"])
-    for item in overrides:
-        settings.set_key(cfg, *parse_override(item))
-    if device:
-        cfg.train.device = device
-    dev = resolve_device(cfg.train.device)
-    data = datamodule_from_config(cfg)
-    check_labelled(data, "robustness evaluation")
-    state = ckpt["student"]
-    in_chans = int(state["encoder.patch_embed.proj.weight"].shape[1])
-    num_classes = int(state["head.weight"].shape[0])
-    check_data_channels(in_chans, data, str(checkpoint))
-    if num_classes != len(data.classes):
-        raise MimkitError(f"the classifier in {checkpoint} has {num_classes} classes but {data.name} has "
-                          f"{len(data.classes)}; point data.* at the data set it was fine-tuned on")
-    model = build_classifier(cfg, in_chans, num_classes, None)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise MimkitError(f"the classifier in {checkpoint} does not match its settings: "
-                          f"{(lines[1] if len(lines) > 1 else lines[0]).strip()[:200]}") from None
-    return cfg, model.to(dev).eval(), data, dev

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from mimkit.errors import MimkitError
 from mimkit.masking import PatchMask, gather_tokens, num_visible, split_folds
-from mimkit.methods.base import Method, Progress, StepOutput, Which
+from mimkit.methods.base import Method, StepOutput, Which
 from mimkit.models.vit import MaskedAutoencoder, ModelSpec
 from mimkit.teacher import EMATeacher, MomentumSchedule, TeacherHooks
 

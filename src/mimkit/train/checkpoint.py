@@ -125,21 +125,35 @@ def make_checkpoint(*, method_name: str, config: dict, student: dict, teacher: d
     }
 
 
+def _first_sentence(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    head = line.split(". ")[0].rstrip(".")
+    return head.replace("PytorchStreamReader failed reading zip archive: ", "")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check one of our checkpoints; one clear MimkitError otherwise."""
+    """Load one of our ``.pt`` checkpoints as a dict; every failure is one MimkitError line. The one file reader:
+    ``--resume``, ``train.init_from`` and :func:`mimkit.interop.loading.open_checkpoint` all read through it.
+
+    A missing path, a folder, a file that is not a torch file (text, truncated, another format) and a torch
+    file that is not ours each get their own message naming the path.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MimkitError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise MimkitError(f"checkpoint {path} is a folder, not a checkpoint file; accepted: a mimkit .pt file "
+                          f"(e.g. {path / 'checkpoints' / 'last.pt'}) or an export folder holding model.safetensors")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MimkitError(
-            f"checkpoint {path} cannot be read (truncated, corrupt or not a plain-tensor mimkit checkpoint: {reason[:160]})"
-        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError, KeyError,
+            IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        reason = _first_sentence(str(e)) or type(e).__name__
+        raise MimkitError(f"checkpoint {path} cannot be read: truncated, corrupt or not a torch checkpoint file "
+                          f"({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MimkitError(
-            f"{path} is not a mimkit checkpoint (expected a dict with format={FORMAT!r}); "
-            "foreign MAE/RC-MAE/SdAE files are imported with `mimkit export`/import tools"
+            f"{path} is not a mimkit checkpoint (expected a dict with format={FORMAT!r}); official MAE / RC-MAE / "
+            "SdAE files, timm and Hugging Face models are converted with `mimkit import`"
         )
     return ckpt

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mimkit.errors import MimkitError
-from mimkit.methods.base import Progress
+from mimkit.progress import Progress
 from mimkit.train.checkpoint import atomic_link, atomic_save, set_rng_state
 from mimkit.train.distributed import DistEnv, mean_over_ranks
 from mimkit.train.optim import lr_at, set_lr
@@ -219,7 +219,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------
     def _epoch(self, epoch: int, first: int, step: int, window: dict, window_imgs: int, epoch_sums: dict) -> int:
-        s, task, env = self.schedule, self.task, self.env
+        s, task = self.schedule, self.task
         total_steps, limit = s.total_steps, s.steps_per_epoch * s.accum_steps
         bar = tqdm(total=s.steps_per_epoch, initial=first // s.accum_steps, desc=f"epoch {epoch + 1}/{s.epochs}",
                    disable=not self.show, leave=False)

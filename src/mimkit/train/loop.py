@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +29,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mimkit.config import Config, config_from_dict, parse_override, set_value
 from mimkit.errors import MimkitError
-from mimkit.eval.knn import evaluate_knn
 from mimkit.data.module import mix_seed
 from mimkit.methods import Method, Progress, build_method
 from mimkit.models.vit import compile_blocks
@@ -40,7 +40,7 @@ from mimkit.train.checkpoint import load_checkpoint, make_checkpoint, set_rng_st
 from mimkit.train.engine import Engine, EpochEnd, Schedule
 from mimkit.train.optim import build_adamw, effective_lr
 from mimkit.train.runlog import RunLog, prepare_run_dir, truncate_metrics, write_json
-from mimkit.viz import save_reconstruction_grid
+from mimkit.viz.reconstructions import save_reconstruction_grid
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None = fp32. Autocast only on CUDA: bf16 is very slow on CPUs without AVX-512/AMX."""
@@ -133,7 +133,7 @@ class PretrainTask:
                 log.info(f"warning: teacher weights differ across ranks after epoch {done} (checksum spread {spread:g})")
         if after_epoch:
             log.metrics({"step": step, "epoch": epoch, **{k: float(v) for k, v in after_epoch.items()}})
-        has_labels = self.data.classes is not None and self.data.has_test
+        has_labels = self.data.classes is not None and self.data.has_test and self.trainer.knn is not None
         if cfg.eval.knn_every and done % cfg.eval.knn_every == 0 and done < tr.epochs and has_labels:
             res = self.trainer._knn(method, self.data, cfg, self.device, self.eval_which, self.show, env, log)
             log.metrics({"step": step, "epoch": epoch, **res})
@@ -169,6 +169,12 @@ class Trainer:
     show_progress: bool | None = None
     echo: bool = True
     cfg_overrides: tuple[str, ...] = ()  # --set items, re-applied over the saved config on resume
+    #: the kNN monitor (during training, ``eval.knn_every``, and at the end), supplied by the caller so that
+    #: training does not import the evaluations above it: ``knn(encoder, data, *, device, k, temperature, pool,
+    #: batch_size, show_progress, shard, gather, log) -> {"knn_top1": ...}``, e.g.
+    #: :func:`mimkit.eval.knn.evaluate_knn` (what :func:`mimkit.api.pretrain` and ``mimkit pretrain`` pass).
+    #: None: no kNN.
+    knn: Callable[..., dict[str, float]] | None = None
 
     def run(self) -> dict[str, Any]:
         env, device = init_distributed(resolve_device(self.cfg.train.device))
@@ -272,7 +278,7 @@ class Trainer:
             log.info(regime.line())
             extra["teacher_regime"] = dataclasses.asdict(regime)
 
-        has_labels = data.classes is not None and data.has_test
+        has_labels = data.classes is not None and data.has_test and self.knn is not None
         eval_which = cfg.eval.which or method.default_which
         if ckpt is None and cfg.eval.knn_init and has_labels:
             res = self._knn(method, data, cfg, device, eval_which, show, env, log)
@@ -296,7 +302,7 @@ class Trainer:
              log=None) -> dict[str, float]:
         """kNN of one encoder; without a progress bar, the feature extraction logs its rate and time left."""
         say = log.info if log is not None and not show and env.is_main else None
-        return evaluate_knn(method.encoder(which), data, device=device, k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
+        return self.knn(method.encoder(which), data, device=device, k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
                             pool=cfg.eval.pool, batch_size=cfg.eval.batch_size, show_progress=show,
                             shard=(env.rank, env.world_size), gather=lambda t: gather_tensors(t, env), log=say)
 
@@ -322,7 +328,7 @@ class Trainer:
                 summary["knn_top1_init_teacher"] = summary["knn_top1_init_student"] = extra["knn_top1_init"]
         if "teacher_regime" in extra:
             summary["teacher_regime"] = extra["teacher_regime"]
-        if data.classes is not None and data.has_test:
+        if data.classes is not None and data.has_test and self.knn is not None:
             res = self._knn(method, data, cfg, device, which, show, env, log)
             summary.update(res)
             log.scalar("eval/knn_top1", res["knn_top1"], step)
@@ -365,7 +371,9 @@ def warn_schedule(schedule: Schedule, info) -> None:
 
 
 def pretrain(cfg: Config, output: str | os.PathLike, *, resume: bool | str = False, overrides: tuple[str, ...] = (),
-             show_progress: bool | None = None, echo: bool = True) -> dict[str, Any]:
+             show_progress: bool | None = None, echo: bool = True,
+             knn: Callable[..., dict[str, float]] | None = None) -> dict[str, Any]:
     """Pre-train per ``cfg`` into ``output`` (or continue it with ``resume``; ``"auto"``: continue when
-    ``checkpoints/last.pt`` exists, else start fresh); returns the summary."""
-    return Trainer(cfg, Path(output), resume, show_progress, echo, tuple(overrides)).run()
+    ``checkpoints/last.pt`` exists, else start fresh); returns the summary. ``knn``: the kNN monitor
+    (:attr:`Trainer.knn`); :func:`mimkit.api.pretrain` passes the evaluation suite's."""
+    return Trainer(cfg, Path(output), resume, show_progress, echo, tuple(overrides), knn).run()

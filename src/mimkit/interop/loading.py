@@ -16,8 +16,6 @@ defaults), the method with its weights (``method``; a fine-tuned checkpoint has 
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from mimkit.errors import MimkitError
 from mimkit.methods import Method, build_method
 from mimkit.models.vit import ViTEncoder
 from mimkit.runtime import resolve_device
-from mimkit.train.checkpoint import FORMAT
+from mimkit.train.checkpoint import load_checkpoint
 
 FINETUNE_METHOD = "finetune"  #: the ``method`` field of a fine-tuning checkpoint
 KINDS = ("pretrain", "imported", "finetune", "export")
@@ -38,39 +36,6 @@ EXPORT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _first_sentence(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    head = line.split(". ")[0].rstrip(".")
-    return head.replace("PytorchStreamReader failed reading zip archive: ", "")
-
-
-def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """Load one of our ``.pt`` checkpoints as a dict; every failure is one MimkitError line.
-
-    A missing path, a folder, a file that is not a torch file (text, truncated, another format) and a torch
-    file that is not ours each get their own message naming the path.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise MimkitError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise MimkitError(f"checkpoint {path} is a folder, not a checkpoint file; accepted: a mimkit .pt file "
-                          f"(e.g. {path / 'checkpoints' / 'last.pt'}) or an export folder holding model.safetensors")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError, KeyError,
-            IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        reason = _first_sentence(str(e)) or type(e).__name__
-        raise MimkitError(f"checkpoint {path} cannot be read: truncated, corrupt or not a torch checkpoint file "
-                          f"({type(e).__name__}: {reason})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise MimkitError(
-            f"{path} is not a mimkit checkpoint (expected a dict with format={FORMAT!r}); official MAE / RC-MAE / "
-            "SdAE files, timm and Hugging Face models are converted with `mimkit import`"
-        )
-    return ckpt
-
-
 def is_export_folder(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / "config.json").is_file() and any((path / f).is_file() for f in EXPORT_FILES)
@@ -103,7 +68,7 @@ class LoadedCheckpoint:
         saved_config: the config dict as saved (a fine-tuning config for ``finetune``).
         in_chans: image channels the encoder takes.
         method: the pre-training method with its weights, eval mode (None for a fine-tuned classifier).
-        classifier: the fine-tuned :class:`~mimkit.finetune.model.ViTClassifier` (None otherwise).
+        classifier: the fine-tuned :class:`~mimkit.models.classifier.ViTClassifier` (None otherwise).
         epoch: finished epochs when the checkpoint was written (0 for imports and exports).
         device: where the networks are.
         raw: the checkpoint dict (for an export folder: the converted one).
@@ -233,13 +198,13 @@ def open_checkpoint(path: str | Path, *, overrides=(), device: str | None = "cpu
     """
     p = Path(path)
     if ckpt is None:
-        ckpt = _export_to_checkpoint(p, which) if is_export_folder(p) else read_checkpoint_file(p)
+        ckpt = _export_to_checkpoint(p, which) if is_export_folder(p) else load_checkpoint(p)
     kind = "export" if (ckpt.get("extra") or {}).get("export_folder") else checkpoint_kind(ckpt)
     in_chans = checkpoint_in_chans(ckpt)
     method = classifier = ft_cfg = None
     if kind == "finetune":
-        from mimkit.finetune.config import finetune_config_from_dict, validate as validate_finetune
-        from mimkit.finetune.model import ViTClassifier
+        from mimkit.config.finetune import finetune_config_from_dict, validate as validate_finetune
+        from mimkit.models.classifier import ViTClassifier
         from mimkit.models.vit import resolve_model_spec
 
         ft_cfg = finetune_config_from_dict(ckpt["config"])
@@ -284,6 +249,26 @@ def check_data_channels(in_chans: int, data, checkpoint: str) -> None:
         )
 
 
+def check_same_encoder(model_cfg, saved_model: dict, in_chans: int, checkpoint: str) -> None:
+    """The encoder a command's ``model.*`` settings describe must be the checkpoint's, else one line naming the
+    difference."""
+    from mimkit.config import ModelConfig
+    from mimkit.models.vit import resolve_model_spec
+
+    saved = ModelConfig()
+    for key, value in saved_model.items():
+        if hasattr(saved, key):
+            setattr(saved, key, value)
+    want, have = resolve_model_spec(model_cfg, in_chans).encoder, resolve_model_spec(saved, in_chans).encoder
+    for field_ in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"):
+        a, b = getattr(want, field_), getattr(have, field_)
+        if a != b:
+            raise MimkitError(
+                f"the encoder in {checkpoint} has {field_}={b} but the settings ask for {field_}={a} "
+                f"(model.* from --config/--set); drop that setting or use a checkpoint with that encoder"
+            )
+
+
 def check_labelled(data, command: str) -> None:
     """Downstream training needs class labels on both splits: one line otherwise."""
     if data.classes is None:
@@ -308,7 +293,7 @@ class PretrainedEncoder:
 def read_pretraining_checkpoint(path: str | Path) -> dict:
     """Load a pre-training (or imported) checkpoint dict; a fine-tuned one is refused with a pointer to what
     takes it (fine-tuning starts from pre-trained encoders)."""
-    ckpt = read_checkpoint_file(path)
+    ckpt = load_checkpoint(path)
     if ckpt.get("method") == FINETUNE_METHOD:
         raise MimkitError(
             f"{path} is a fine-tuned classifier; this command takes a pre-training checkpoint "

@@ -1,4 +1,5 @@
-"""CLI commands of the evaluation suite: ``mimkit finetune``, ``mimkit eval linprobe``, ``mimkit eval robustness``.
+"""CLI commands of the evaluation suite: ``mimkit eval knn``, ``mimkit eval linprobe``, ``mimkit eval robustness``
+and ``mimkit finetune``.
 
 Registered by :mod:`mimkit.cli` through ``register(groups, common)``. The commands only parse and dispatch;
 the work is in :mod:`mimkit.eval.linprobe`, :mod:`mimkit.finetune` and :mod:`mimkit.eval.robustness`.
@@ -15,6 +16,11 @@ from mimkit.errors import MimkitError
 
 def register(groups, common) -> None:
     top, ev = groups["top"], groups["eval"]
+
+    p = ev.add_parser("knn", parents=[common(checkpoint=True, which=True)], help="weighted kNN on frozen features")
+    add_random_init(p)
+    p.set_defaults(func=cmd_eval_knn)
+
 
     p = top.add_parser(
         "finetune", parents=[common(which=True)],
@@ -36,7 +42,6 @@ def register(groups, common) -> None:
         "linprobe", parents=[common(checkpoint=True, which=True)],
         help="linear probe of the frozen encoder (RC-MAE paper, Table 11); aug.augment=false caches features",
     )
-    from mimkit.cli import add_random_init
 
     add_random_init(p)
     p.set_defaults(func=cmd_eval_linprobe)
@@ -71,8 +76,9 @@ def _extra_overrides(args, which_key: str | None = "eval.which") -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ finetune
 def cmd_finetune(args) -> int:
-    from mimkit.eval.loading import read_pretraining_checkpoint
-    from mimkit.finetune import Init, build_finetune_config, finetune
+    from mimkit.interop.loading import read_pretraining_checkpoint
+    from mimkit.config.finetune import build_finetune_config
+    from mimkit.finetune import Init, finetune
 
     overrides = list(args.overrides) + _extra_overrides(args)
     if args.auto_resume:
@@ -112,10 +118,10 @@ def cmd_finetune(args) -> int:
 # ------------------------------------------------------------------------------------------------ linprobe
 def cmd_eval_linprobe(args) -> int:
     from mimkit.api import eval_result_name, evaluation_settings, record_evaluation, result_path
-    from mimkit.cli import random_init_seed
-    from mimkit.eval import settings
-    from mimkit.eval.linprobe import build_linprobe_config, run_linprobe
-    from mimkit.eval.loading import check_data_channels, check_labelled, open_checkpoint, random_init_encoder
+    from mimkit.config.linprobe import build_linprobe_config
+    from mimkit.eval.linprobe import run_linprobe
+    from mimkit.interop.loading import (check_data_channels, check_labelled, check_same_encoder, open_checkpoint,
+                                     random_init_encoder)
     from mimkit.runtime import datamodule_from_config, resolve_device
 
     loaded = open_checkpoint(args.checkpoint)  # --set items are the probe's settings (train.epochs = probe epochs)
@@ -127,7 +133,7 @@ def cmd_eval_linprobe(args) -> int:
                             overrides=[o for o in overrides if not o.startswith("eval.which=")])
     out = result_path(args.checkpoint, args.output, name)
     encoder = random_init_encoder(loaded.config, loaded.in_chans, seed) if seed is not None else loaded.encoder(which)
-    settings.check_same_encoder(cfg.model, loaded.config.to_dict()["model"], loaded.in_chans, args.checkpoint)
+    check_same_encoder(cfg.model, loaded.config.to_dict()["model"], loaded.in_chans, args.checkpoint)
     data = datamodule_from_config(cfg)
     check_labelled(data, "linear probing")
     check_data_channels(loaded.in_chans, data, args.checkpoint)
@@ -159,7 +165,7 @@ def _parse_list(text: str, what: str) -> list[str]:
 def load_classifier_checkpoint(checkpoint, overrides=(), device: str | None = None):
     """A fine-tuned classifier through the one checkpoint reader -> (fine-tuning cfg, model in eval mode, data,
     device); the data must be the one it was fine-tuned on (labels, channels, class count)."""
-    from mimkit.eval.loading import check_labelled, open_checkpoint
+    from mimkit.interop.loading import check_labelled, open_checkpoint
 
     loaded = open_checkpoint(checkpoint, overrides=overrides, device=device)
     cfg = loaded.finetune_config()
@@ -205,3 +211,53 @@ def cmd_eval_robustness(args) -> int:
         line += f", mCE {res['mCE']:.1f} / relative mCE {res['relative_mCE'] or float('nan'):.1f} vs {args.baseline}"
     print(f"{line}  -> {out}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ knn
+def cmd_eval_knn(args) -> int:
+    from mimkit.api import eval_result_name, evaluation_settings, record_evaluation, result_path
+    from mimkit.eval.knn import evaluate_knn
+    from mimkit.interop.loading import open_checkpoint, random_init_encoder
+
+    loaded = open_checkpoint(args.checkpoint, overrides=args.overrides, device=args.device)
+    cfg = loaded.config
+    seed = random_init_seed(args, cfg)
+    which = args.which or loaded.default_which
+    if seed is not None:
+        encoder = random_init_encoder(cfg, loaded.in_chans, seed).to(loaded.device)
+    else:
+        encoder = loaded.encoder(which)
+    data = loaded.datamodule()
+    name = eval_result_name("knn", which=which, default_which=loaded.default_which, random_init=seed,
+                            overrides=args.overrides)
+    out = result_path(args.checkpoint, args.output, name)
+    res = evaluate_knn(encoder, data, device=loaded.device, k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
+                       pool=cfg.eval.pool, batch_size=cfg.eval.batch_size,
+                       show_progress=not args.no_progress and sys.stderr.isatty(),
+                       log=None if args.no_progress else (lambda line: print(line, flush=True)))
+    res.update(evaluation_settings(loaded, data, which=which, random_init=seed, overrides=args.overrides),
+               k=cfg.eval.knn_k, t=cfg.eval.knn_t, pool=cfg.eval.pool)
+    record_evaluation(out, res)
+    what = f"encoder at initialisation, seed {seed}" if seed is not None else f"{which} encoder"
+    print(f"kNN top-1 ({what}, k={cfg.eval.knn_k}, {cfg.eval.pool} pool): {res['knn_top1']:.4f}  -> {out}")
+    return 0
+
+
+def random_init_seed(args, cfg) -> int | None:
+    """``--random-init [SEED]``: None when absent; the run's ``train.seed`` when given without a value."""
+    value = getattr(args, "random_init", None)
+    if value is None:
+        return None
+    if value == "run":
+        return int(cfg.train.seed)
+    try:
+        return int(value)
+    except ValueError:
+        raise MimkitError(f"--random-init takes an integer seed (or nothing: the run's train.seed), got {value!r}") from None
+
+
+def add_random_init(p) -> None:
+    p.add_argument("--random-init", nargs="?", const="run", default=None, metavar="SEED",
+                   help="evaluate the encoder at initialisation instead of the checkpoint's weights: the same config, "
+                        "freshly initialised with SEED (default: the run's train.seed, i.e. the weights it started "
+                        "from) - the baseline every pre-training result is read against")

@@ -163,7 +163,7 @@ def cmd_grad_alignment(args) -> int:
 def cmd_teacher_free(args) -> int:
     from mimkit.analysis.teacher_free import FidelitySettings, fidelity, write_outputs
     from mimkit.analysis.vit_alignment import collect_pool
-    from mimkit.eval.loading import open_checkpoint
+    from mimkit.interop.loading import open_checkpoint
 
     settings = FidelitySettings(batches=args.batches, batch_size=args.batch_size, seed=args.seed).validate()
     t0 = time.perf_counter()

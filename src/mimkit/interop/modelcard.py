@@ -126,11 +126,12 @@ def write_model_card(folder: str | Path, fmt: str, checkpoint: str | Path, which
                      license_id: str | None = None) -> Path:
     """Write ``folder/README.md`` for the export of ``checkpoint``."""
     from mimkit.config import config_from_dict
-    from mimkit.eval.loading import is_export_folder, open_checkpoint, read_checkpoint_file
-    from mimkit.export import _replace_into
+    from mimkit.interop.loading import is_export_folder, open_checkpoint
+    from mimkit.train.checkpoint import load_checkpoint
+    from mimkit.interop.export import _replace_into
 
     # the one checkpoint reader (uniform errors; an export folder is read back through the import path)
-    ckpt = open_checkpoint(checkpoint).raw if is_export_folder(checkpoint) else read_checkpoint_file(checkpoint)
+    ckpt = open_checkpoint(checkpoint).raw if is_export_folder(checkpoint) else load_checkpoint(checkpoint)
     try:
         cfg = config_from_dict(ckpt["config"]).to_dict()  # pre-training: the resolved, validated config
     except Exception:  # e.g. a fine-tuning checkpoint: its own config sections, used as they are

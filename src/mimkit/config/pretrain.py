@@ -1,21 +1,18 @@
-"""Typed configuration: dataclasses, presets shipped in the package, YAML files, ``--set`` overrides.
+"""Settings of ``mimkit pretrain``: sections data, model, method, train, eval.
 
-Resolution order: dataclass defaults < preset or YAML file (``--config``) < ``--set key=value``.
-Unknown keys and ill-typed values raise :class:`MimkitError` naming the key and what is accepted.
+Resolution (:func:`mimkit.config.mechanism.resolve`): dataclass defaults < preset or YAML file (``--config``;
+the ``demo`` preset when none is given) < ``--set key=value`` < explicit flags (``--method``). ``data`` and
+``model`` are also the first two sections of the downstream commands' settings (linear probe, fine-tuning), which
+take them from the checkpoint's run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mimkit.config.mechanism import check_choices, check_loggers, from_dict, preset_names, resolve
 from mimkit.errors import MimkitError
 
 
@@ -148,168 +145,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------- presets
-FINETUNE_PREFIX = "finetune-"
-
-
-def preset_names(kind: str | None = None) -> list[str]:
-    """Shipped presets: ``kind="pretrain"`` / ``"finetune"`` (names starting with ``finetune-``) or all."""
-    names = sorted(p.name[:-5] for p in resources.files("mimkit.presets").iterdir() if p.name.endswith(".yaml"))
-    if kind == "finetune":
-        return [n for n in names if n.startswith(FINETUNE_PREFIX)]
-    if kind == "pretrain":
-        return [n for n in names if not n.startswith(FINETUNE_PREFIX)]
-    return names
-
-
-def preset_description(name: str) -> str:
-    text = resources.files("mimkit.presets").joinpath(f"{name}.yaml").read_text()
-    first = text.splitlines()[0] if text else ""
-    return first.lstrip("# ").strip()
-
-
-def _read_yaml(text: str, origin: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise MimkitError(f"{origin} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise MimkitError(f"{origin} must hold a mapping of sections (data, model, method, train, eval)")
-    return data
-
-
-def load_source(name_or_file: str | None) -> dict[str, Any]:
-    """The raw mapping of a preset name or a YAML file (``None`` = the demo preset)."""
-    if name_or_file is None:
-        name_or_file = "demo"
-    if name_or_file.endswith((".yaml", ".yml")) or Path(name_or_file).is_file():
-        path = Path(name_or_file)
-        if not path.is_file():
-            raise MimkitError(f"config file {name_or_file} does not exist")
-        return _read_yaml(path.read_text(), str(path))
-    if name_or_file not in preset_names():
-        raise MimkitError(
-            f"unknown preset {name_or_file!r}; pre-training presets: {', '.join(preset_names('pretrain'))}; "
-            f"fine-tuning presets (mimkit finetune): {', '.join(preset_names('finetune'))}; or a path to a .yaml file"
-        )
-    text = resources.files("mimkit.presets").joinpath(f"{name_or_file}.yaml").read_text()
-    return _read_yaml(text, f"preset {name_or_file}")
-
-
-# ----------------------------------------------------------------------------------------- overrides
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check/convert ``value`` for a field annotated ``tp`` (str, int, float, bool, list, Optional)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(key, value, args[0])
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if isinstance(value, str) and inner is str:  # --set train.loggers=tensorboard,mlflow
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise MimkitError(f"{key} must be a list, e.g. {key}=[0.5,0.5], got {value!r}")
-        return [_coerce(key, v, inner) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise MimkitError(f"{key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise MimkitError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MimkitError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool):
-            value = str(value).lower()
-        if not isinstance(value, (str, int, float)):
-            raise MimkitError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _section_types(section_cls) -> dict[str, Any]:
-    return typing.get_type_hints(section_cls)
-
-
-def apply_mapping(cfg, mapping: dict[str, Any], origin: str) -> None:
-    """Apply a nested mapping {section: {key: value}} onto a sectioned config (``Config`` or the downstream
-    commands' settings) with type checks."""
-    sections = {f.name: f for f in dataclasses.fields(type(cfg))}
-    for sec, values in mapping.items():
-        if sec not in sections:
-            raise MimkitError(f"unknown config section {sec!r} in {origin}; accepted: {', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise MimkitError(f"config section {sec!r} in {origin} must be a mapping of keys")
-        for key, value in values.items():
-            set_value(cfg, f"{sec}.{key}", value)
-
-
-def set_value(cfg, dotted: str, value: Any) -> None:
-    """Set ``section.key`` on a sectioned config, type-checked against the field's annotation."""
-    parts = dotted.split(".")
-    sections = {f.name for f in dataclasses.fields(type(cfg))}
-    if len(parts) != 2 or parts[0] not in sections:
-        raise MimkitError(
-            f"unknown config key {dotted!r}; keys look like section.name with section one of {', '.join(sorted(sections))}"
-        )
-    sec, key = parts
-    section = getattr(cfg, sec)
-    types_ = _section_types(type(section))
-    if key not in types_:
-        raise MimkitError(f"unknown config key {dotted!r}; accepted keys in {sec}: {', '.join(types_)}")
-    setattr(section, key, _coerce(dotted, value, types_[key]))
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value parsed as YAML (numbers, booleans, lists, null)."""
-    if "=" not in text:
-        raise MimkitError(f"--set expects key=value (e.g. train.epochs=10), got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
 def build_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = (),
                  extra: dict[str, Any] | None = None) -> Config:
-    """Resolve defaults < preset/file < ``--set`` < ``extra`` (dotted keys from explicit CLI flags such
-    as ``--method``, the most specific)."""
+    """Resolve defaults < preset/file (default: the demo preset) < ``--set`` < ``extra`` (dotted keys from explicit
+    CLI flags such as ``--method``, the most specific)."""
     if source is not None and source in preset_names("finetune"):
         raise MimkitError(f"preset {source!r} is a fine-tuning recipe: use it with `mimkit finetune --config {source}`; "
                           f"pre-training presets: {', '.join(preset_names('pretrain'))}")
-    cfg = Config()
-    apply_mapping(cfg, load_source(source), source or "preset demo")
-    for item in overrides:
-        set_value(cfg, *parse_override(item))
-    for key, value in (extra or {}).items():
-        set_value(cfg, key, value)
+    cfg = resolve(Config, "pretrain", source or "demo", overrides, extra=extra)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(mapping: dict[str, Any]) -> Config:
     """Rebuild a config saved in a checkpoint or run folder."""
-    cfg = Config()
-    apply_mapping(cfg, mapping, "saved config")
+    cfg = from_dict(Config, mapping, "pretrain")
     validate(cfg)
     return cfg
 
@@ -327,11 +177,7 @@ METHOD_EMA_DEFAULTS = {
 
 def validate(cfg: Config) -> None:
     """Check choices and ranges; fill method-dependent defaults (so the saved config is concrete)."""
-    for dotted, accepted in CHOICES.items():
-        sec, key = dotted.split(".")
-        value = getattr(getattr(cfg, sec), key)
-        if value is not None and value not in accepted:
-            raise MimkitError(f"unknown value {value!r} for {dotted}; accepted: {', '.join(accepted)}")
+    check_choices(cfg, CHOICES)
     m, t, mo = cfg.method, cfg.train, cfg.model
     if not (0.0 < m.mask_ratio < 1.0):
         raise MimkitError(f"method.mask_ratio must be in the open interval (0, 1), got {m.mask_ratio}")
@@ -355,10 +201,7 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.data.in_memory_budget_gb}")
     if not 0.0 < cfg.data.crop_min_scale <= 1.0:
         raise MimkitError(f"data.crop_min_scale must be in (0, 1], got {cfg.data.crop_min_scale}")
-    unknown = [name for name in t.loggers if name not in LOGGERS]
-    if unknown:
-        raise MimkitError(f"unknown logger(s) {', '.join(map(repr, unknown))} in train.loggers; accepted: "
-                          f"{', '.join(LOGGERS)} (several separated by commas, or [] for none)")
+    check_loggers(t.loggers, LOGGERS)
     if cfg.eval.knn_k < 1:
         raise MimkitError(f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}")
     if m.ema_every_steps is not None:

@@ -1,8 +1,7 @@
-"""Commands for working elsewhere and looking at models: ``mimkit export``, ``mimkit import``,
-``mimkit visualize attention`` and ``mimkit visualize reconstruction-compare``.
+"""Commands for working elsewhere: ``mimkit export`` and ``mimkit import``.
 
 Registered by :mod:`mimkit.cli` through ``COMMAND_MODULES``; each command only parses and dispatches to
-:mod:`mimkit.export`, :mod:`mimkit.interop` and :mod:`mimkit.attention`.
+:mod:`mimkit.interop` (export, import, model cards).
 """
 
 from __future__ import annotations
@@ -13,11 +12,10 @@ from mimkit.errors import MimkitError
 
 
 def register(groups, common) -> None:
-    """Add the commands to the ``top`` and ``visualize`` sub-parser collections."""
-    from mimkit.attention import STYLES
-    from mimkit.export import FORMATS
+    """Add the commands to the ``top`` sub-parser collection."""
+    from mimkit.interop.export import FORMATS
 
-    top, vis = groups["top"], groups["visualize"]
+    top = groups["top"]
 
     p = top.add_parser(
         "export", parents=[common(checkpoint=True, which=True, output=False)],
@@ -44,33 +42,10 @@ def register(groups, common) -> None:
                         "(CAN RUN ARBITRARY CODE: only for files from a source you trust)")
     p.set_defaults(func=cmd_import)
 
-    p = vis.add_parser(
-        "attention", parents=[common(checkpoint=True, which=True, output=False)],
-        help="last-layer attention maps: query patch (RC-MAE Fig. 4) or cls per head (SdAE Fig. S-3)",
-    )
-    p.add_argument("--out", required=True, metavar="FILE.png")
-    p.add_argument("--style", choices=STYLES, default="rcmae",
-                   help="rcmae: one query patch, mean over heads, top 10%% of the mass; sdae: cls attention per head")
-    p.add_argument("--num-images", type=int, default=4)
-    p.add_argument("--query-patch", type=int, default=None, metavar="IDX",
-                   help="row-major patch index of the query (rcmae style; default: the centre patch)")
-    p.add_argument("--mass", type=float, default=0.1, help="fraction of the attention mass kept (rcmae style)")
-    p.add_argument("--both", action="store_true", help="draw the student and the teacher side by side")
-    p.set_defaults(func=cmd_visualize_attention)
-
-    p = vis.add_parser(
-        "reconstruction-compare", parents=[common(checkpoint=True, output=False)],
-        help="RC-MAE student and teacher reconstructions side by side, on the same masks",
-    )
-    p.add_argument("--out", required=True, metavar="FILE.png")
-    p.add_argument("--num-images", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0, help="mask seed (same as `visualize reconstruction --seed`)")
-    p.set_defaults(func=cmd_visualize_reconstruction_compare)
-
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_export(args) -> int:
-    from mimkit.export import check_export, export_checkpoint
+    from mimkit.interop.export import check_export, export_checkpoint
 
     path, which, module = export_checkpoint(args.checkpoint, args.format, args.out, which=args.which,
                                             overrides=args.overrides, pool=args.pool)
@@ -78,7 +53,7 @@ def cmd_export(args) -> int:
     if which == "classifier":
         which, what = "fine-tuned", "classifier (encoder + head)"
     print(f"exported the {which} {what} as {args.format}: {path}")
-    from mimkit.modelcard import write_model_card
+    from mimkit.interop.modelcard import write_model_card
 
     print(f"model card: {write_model_card(path, args.format, args.checkpoint, which)}")
     if args.check:
@@ -153,43 +128,4 @@ def cmd_import(args) -> int:
     for line in imported.notes + notes:
         print(f"note: {line}")
     print(f"wrote {out} (method {cfg.method.name}, data {cfg.data.name}); e.g. mimkit eval knn --checkpoint {out}")
-    return 0
-
-
-def _check_count(n: int) -> None:
-    if n < 1:
-        raise MimkitError(f"--num-images must be >= 1, got {n}")
-
-
-def cmd_visualize_attention(args) -> int:
-    from mimkit.api import load_for_eval
-    from mimkit.attention import save_attention_figure
-
-    _check_count(args.num_images)
-    loaded = load_for_eval(args.checkpoint, args.overrides, args.device, which=args.which)
-    if args.both:
-        encoders = {w: loaded.checkpoint.encoder(w) for w in ("student", "teacher")}
-    else:
-        encoders = {loaded.which: loaded.encoder}
-    images = loaded.data.sample_images(args.num_images)
-    png = save_attention_figure(encoders, images, args.out, loaded.data.mean, loaded.data.std, style=args.style,
-                                query=args.query_patch, mass=args.mass)
-    print(f"attention maps ({', '.join(encoders)}, {args.style} style): {png}")
-    return 0
-
-
-def cmd_visualize_reconstruction_compare(args) -> int:
-    from mimkit.api import load_for_eval
-    from mimkit.attention import save_teacher_student_reconstructions
-
-    _check_count(args.num_images)
-    loaded = load_for_eval(args.checkpoint, args.overrides, args.device)
-    method = loaded.need_method("a student/teacher reconstruction picture")
-    if loaded.checkpoint.raw.get("teacher") is None:
-        raise MimkitError(f"reconstruction-compare draws a student and its EMA teacher; {args.checkpoint} (method "
-                          f"{method.name}) has no teacher: `mimkit visualize reconstruction` draws its student")
-    images = loaded.data.sample_images(args.num_images)
-    png = save_teacher_student_reconstructions(method, images, args.out, loaded.data.mean, loaded.data.std,
-                                               seed=args.seed)
-    print(f"student and teacher reconstructions: {png}")
     return 0

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mimkit.config import LOGGERS, DataConfig, ModelConfig
+from mimkit.config.mechanism import check_choices, check_loggers, check_positive, from_dict, resolve
+from mimkit.config.pretrain import CHOICES as PRETRAIN_CHOICES
+from mimkit.config.pretrain import LOGGERS, DataConfig, ModelConfig
 from mimkit.errors import MimkitError
-from mimkit.eval import settings
 
 
 @dataclass
@@ -33,6 +34,7 @@ class FinetuneTrainConfig:
     precision: str = "auto"            # auto | fp32 | bf16 | fp16 (autocast on CUDA only)
     log_every: int = 10                # optimiser steps between metrics.jsonl lines
     ckpt_every: int = 0                # epochs between kept epoch_XXXX.pt (0: only last.pt and best.pt)
+    ckpt_every_steps: int = 0          # also last.pt every N optimiser steps, resumable mid-epoch (0 = off)
     device: str = "auto"               # auto | cpu | cuda
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow, csv (several: a,b)
 
@@ -75,6 +77,7 @@ class FinetuneConfig:
 
 
 CHOICES = {
+    **{k: v for k, v in PRETRAIN_CHOICES.items() if k.split(".")[0] in ("data", "model")},
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "aug.interpolation": ("bicubic", "bilinear", "nearest"),
@@ -85,21 +88,18 @@ CHOICES = {
 
 
 def validate(cfg: FinetuneConfig) -> FinetuneConfig:
-    settings.check_choices(cfg, CHOICES)
-    settings.check_positive(cfg, "train.epochs", "train.batch_size", "train.accum_steps", "train.log_every",
+    check_choices(cfg, CHOICES)
+    check_positive(cfg, "train.epochs", "train.batch_size", "train.accum_steps", "train.log_every",
                             "eval.batch_size")
     t, a = cfg.train, cfg.aug
-    if t.warmup_epochs < 0 or t.ckpt_every < 0:
-        raise MimkitError(f"train.warmup_epochs and train.ckpt_every must be >= 0, "
-                          f"got {t.warmup_epochs}, {t.ckpt_every}")
+    if t.warmup_epochs < 0 or t.ckpt_every < 0 or t.ckpt_every_steps < 0:
+        raise MimkitError(f"train.warmup_epochs, train.ckpt_every and train.ckpt_every_steps must be >= 0, "
+                          f"got {t.warmup_epochs}, {t.ckpt_every}, {t.ckpt_every_steps}")
     if not 0.0 < t.layer_decay <= 1.0:
         raise MimkitError(f"train.layer_decay must be in (0, 1] (1 = no decay), got {t.layer_decay}")
     if len(t.betas) != 2:
         raise MimkitError(f"train.betas must be two numbers, got {t.betas}")
-    unknown = [name for name in t.loggers if name not in LOGGERS]
-    if unknown:
-        raise MimkitError(f"unknown logger(s) {', '.join(map(repr, unknown))} in train.loggers; accepted: "
-                          f"{', '.join(LOGGERS)} (several separated by commas, or [] for none)")
+    check_loggers(t.loggers, LOGGERS)
     if not 0.0 <= cfg.model.drop_path < 1.0:
         raise MimkitError(f"model.drop_path must be in [0, 1), got {cfg.model.drop_path}")
     if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
@@ -122,10 +122,10 @@ def mixing(cfg: FinetuneConfig) -> bool:
 def build_finetune_config(source: str | None = None, overrides=(),
                           checkpoint_config: dict | None = None) -> FinetuneConfig:
     """defaults < the checkpoint's data/model (not drop_path) < preset/file < ``--set``."""
-    cfg = settings.resolve(FinetuneConfig, "finetune", source, overrides, checkpoint_config,
+    cfg = resolve(FinetuneConfig, "finetune", source, overrides, checkpoint_config,
                            keep_from_defaults=("model.drop_path",))
     return validate(cfg)
 
 
 def finetune_config_from_dict(mapping: dict) -> FinetuneConfig:
-    return validate(settings.from_dict(FinetuneConfig, mapping, "finetune"))
+    return validate(from_dict(FinetuneConfig, mapping, "finetune"))

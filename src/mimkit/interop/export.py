@@ -234,7 +234,7 @@ def data_normalisation(cfg, in_chans: int) -> tuple[tuple[float, ...], tuple[flo
 
 def export_timm_classifier(classifier: nn.Module, out_dir: str | Path, *, mean, std, crop_pct: float = 1.0,
                            metadata: dict[str, str] | None = None) -> Path:
-    """A fine-tuned :class:`~mimkit.finetune.model.ViTClassifier` -> timm folder with its head: ``global_pool="avg",
+    """A fine-tuned :class:`~mimkit.models.classifier.ViTClassifier` -> timm folder with its head: ``global_pool="avg",
     fc_norm=True`` (timm then has no final ``norm``: patch-token mean, ``fc_norm``, ``head``, as ours) or ``"token"``
     (final norm, cls token, head). ``timm.create_model("local-dir:DIR", pretrained=True)`` predicts the classes."""
     encoder = classifier.encoder
@@ -252,9 +252,9 @@ def export_timm_classifier(classifier: nn.Module, out_dir: str | Path, *, mean, 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out_dir: str | Path, *, which: str | None = None,
                       overrides=(), pool: str | None = None) -> tuple[Path, str, nn.Module]:
     """Export a mimkit checkpoint (pre-training, imported or fine-tuned; read by
-    :func:`mimkit.eval.loading.open_checkpoint`); returns (folder, which network was exported, that network: the
+    :func:`mimkit.interop.loading.open_checkpoint`); returns (folder, which network was exported, that network: the
     encoder, the whole MAE for ``hf``, or the classifier for a fine-tuned checkpoint in ``timm``)."""
-    from mimkit.eval.loading import open_checkpoint
+    from mimkit.interop.loading import open_checkpoint
 
     if fmt not in FORMATS:
         raise MimkitError(f"unknown export format {fmt!r}; accepted: {', '.join(FORMATS)}")

@@ -226,7 +226,7 @@ def save_teacher_student_reconstructions(method, images: Tensor, path: str | Pat
                                          seed: int = 0) -> Path:
     """original | masked | student prediction | student + visible | teacher prediction | teacher + visible,
     on the same masks (the same ``seed`` draws the same masks as ``mimkit visualize reconstruction``)."""
-    from mimkit.viz import reconstruction_rows
+    from mimkit.viz.reconstructions import reconstruction_rows
 
     device = next(method.parameters()).device
     images = images.to(device)

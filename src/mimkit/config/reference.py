@@ -72,10 +72,10 @@ def section_keys(config_cls, choices: dict[str, tuple[str, ...]] | None = None,
 def commands() -> list[tuple[str, str, list[Key]]]:
     """(title, introduction, keys) per command family."""
     from mimkit.config import CHOICES, Config
-    from mimkit.eval.linprobe import CHOICES as LP_CHOICES
-    from mimkit.eval.linprobe import LinprobeConfig
-    from mimkit.finetune.config import CHOICES as FT_CHOICES
-    from mimkit.finetune.config import FinetuneConfig
+    from mimkit.config.linprobe import CHOICES as LP_CHOICES
+    from mimkit.config.linprobe import LinprobeConfig
+    from mimkit.config.finetune import CHOICES as FT_CHOICES
+    from mimkit.config.finetune import FinetuneConfig
 
     return [
         ("Pre-training: `mimkit pretrain` (and the `eval knn`, `export`, `visualize` views of a checkpoint)",
