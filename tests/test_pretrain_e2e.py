@@ -23,6 +23,11 @@ def test_tiny_pretraining_writes_the_run_folder(tmp_path, capsys):
     assert main(["pretrain", "--output", str(run), "--no-progress", *sets("train.ckpt_every=2")]) == 0
     out = capsys.readouterr().out
     assert "lr = 0.0025" in out  # blr 1e-2 x 64 / 256, printed at start
+    # the preset line opens train.log as well as the console (a run folder says which recipe made it)
+    preset = ("mimkit pretrain: preset demo (the default; --config NAME|FILE.yaml to choose, `mimkit presets` lists "
+              "them)")
+    first = (run / "train.log").read_text().splitlines()[0]  # "YYYY-MM-DD HH:MM:SS <line>"
+    assert first.split(" ", 2)[2] == preset and preset in out.splitlines()
     for name in ("config.yaml", "metrics.jsonl", "train.log", "summary.json", "checkpoints/last.pt",
                  "checkpoints/epoch_0002.pt", "checkpoints/epoch_0003.pt", "reconstructions/final.png"):
         assert (run / name).is_file(), name

@@ -21,14 +21,14 @@ from mimkit.methods import Method
 
 
 def pretrain(cfg: Config, output, *, resume: bool | str = False, overrides: tuple[str, ...] = (),
-             show_progress: bool | None = None, echo: bool = True) -> dict:
+             show_progress: bool | None = None, echo: bool = True, notes: tuple[str, ...] = ()) -> dict:
     """Pre-train per ``cfg`` into ``output`` with the kNN monitor (``eval.knn_every``, ``eval.knn_init`` and the
     final kNN of ``summary.json``); see :func:`mimkit.train.loop.pretrain` for the arguments."""
     from mimkit.eval.knn import evaluate_knn
     from mimkit.train.loop import pretrain as run_pretraining
 
     return run_pretraining(cfg, output, resume=resume, overrides=overrides, show_progress=show_progress, echo=echo,
-                           knn=evaluate_knn)
+                           knn=evaluate_knn, notes=notes)
 
 
 @dataclass

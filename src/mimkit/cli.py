@@ -101,11 +101,12 @@ def cmd_pretrain(args) -> int:
         name = Path(args.config).stem if args.config else "demo"
         output = str(Path("runs") / f"{name}-{args.method or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = build_config(args.config, args.overrides, extra)
+    notes = ()
     if not args.resume:
         check_preset_fits(args.config, cfg, args.overrides)
-        print(f"mimkit pretrain: {describe_source(args.config)}", flush=True)
+        notes = (f"mimkit pretrain: {describe_source(args.config)}",)  # the first line of train.log and the console
     pretrain(cfg, output, resume=args.resume, overrides=tuple(args.overrides),
-             show_progress=False if args.no_progress else None)
+             show_progress=False if args.no_progress else None, notes=notes)
     return 0
 
 

@@ -175,6 +175,8 @@ class Trainer:
     #: :func:`mimkit.eval.knn.evaluate_knn` (what :func:`mimkit.api.pretrain` and ``mimkit pretrain`` pass).
     #: None: no kNN.
     knn: Callable[..., dict[str, float]] | None = None
+    #: lines that open train.log of a new run (the command's "preset demo ..." line), after the console
+    notes: tuple[str, ...] = ()
 
     def run(self) -> dict[str, Any]:
         env, device = init_distributed(resolve_device(self.cfg.train.device))
@@ -197,6 +199,8 @@ class Trainer:
             log = RunLog(run_dir if env.is_main else None, echo=self.echo and env.is_main,
                          purge_step=(ckpt["global_step"] + 1) if ckpt else None,
                          loggers=cfg.train.loggers, config=cfg.to_dict())
+            for line in () if resume else self.notes:
+                log.info(line)
             return self._run(cfg, run_dir, ckpt, log, dropped, env, device)
         finally:
             if log is not None:
@@ -372,8 +376,9 @@ def warn_schedule(schedule: Schedule, info) -> None:
 
 def pretrain(cfg: Config, output: str | os.PathLike, *, resume: bool | str = False, overrides: tuple[str, ...] = (),
              show_progress: bool | None = None, echo: bool = True,
-             knn: Callable[..., dict[str, float]] | None = None) -> dict[str, Any]:
+             knn: Callable[..., dict[str, float]] | None = None, notes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Pre-train per ``cfg`` into ``output`` (or continue it with ``resume``; ``"auto"``: continue when
     ``checkpoints/last.pt`` exists, else start fresh); returns the summary. ``knn``: the kNN monitor
-    (:attr:`Trainer.knn`); :func:`mimkit.api.pretrain` passes the evaluation suite's."""
-    return Trainer(cfg, Path(output), resume, show_progress, echo, tuple(overrides), knn).run()
+    (:attr:`Trainer.knn`); :func:`mimkit.api.pretrain` passes the evaluation suite's. ``notes``: lines that open
+    ``train.log`` of a new run."""
+    return Trainer(cfg, Path(output), resume, show_progress, echo, tuple(overrides), knn, tuple(notes)).run()
