@@ -90,6 +90,21 @@ def test_foreign_and_truncated_checkpoints(tmp_path, capsys):
     junk.write_bytes(b"\x00" * 100)
     assert_one_line(*run_cli(capsys, "eval", "knn", "--checkpoint", str(junk)), "cannot be read")
     assert_one_line(*run_cli(capsys, "eval", "knn", "--checkpoint", str(tmp_path / "missing.pt")), "does not exist")
+    # an official-style .pth (training arguments pickled beside the weights): the one reader points to `mimkit import`,
+    # from the evaluation commands and from train.init_from alike
+    import argparse
+
+    official = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(model="mae_vit_base_patch16")}, official)
+    for argv in (["eval", "knn", "--checkpoint", str(official)],
+                 ["pretrain", "--output", str(tmp_path / "run"), "--set", f"train.init_from={official}"]):
+        assert_one_line(*run_cli(capsys, *argv), "pickled Python objects", f"mimkit import --checkpoint {official}")
+    # a folder: the evaluation commands also accept export folders, training's init_from does not
+    assert_one_line(*run_cli(capsys, "eval", "knn", "--checkpoint", str(tmp_path)), "is a folder",
+                    "or an export folder holding model.safetensors")
+    code, err = run_cli(capsys, "pretrain", "--output", str(tmp_path / "run2"), "--set", f"train.init_from={tmp_path}")
+    assert_one_line(code, err, "is a folder")
+    assert "export folder" not in err
 
 
 def test_truncated_checkpoint_and_failed_resume_leave_last_pt_intact(tmp_path, capsys):

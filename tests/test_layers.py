@@ -4,6 +4,8 @@ goes to the same layer or a lower one. A new upward import fails here with the f
 import ast
 from pathlib import Path
 
+import pytest
+
 import mimkit
 
 #: lowest first; a module belongs to the first entry that is its name or a package above it
@@ -27,8 +29,9 @@ SRC = Path(mimkit.__file__).parent
 def layer_of(module: str) -> int:
     best, depth = None, -1
     for i, names in enumerate(LAYERS):
-        for name in names:
-            if (module == name or module.startswith(name + ".")) and name.count(".") > depth:
+        for name in names:  # "mimkit" itself (its __init__) only by name: a new top-level module must be placed
+            inside = module.startswith(name + ".") and name != "mimkit"
+            if (module == name or inside) and name.count(".") > depth:
                 best, depth = i, name.count(".")
     assert best is not None, f"{module} is in no layer of tests/test_layers.py: add it to LAYERS"
     return best
@@ -75,6 +78,9 @@ def test_the_check_sees_function_level_imports_and_names_the_offender(tmp_path):
     (tmp_path / "train" / "ok.py").write_text("import mimkit.models.vit\nfrom mimkit.errors import MimkitError\n")
     found = upward_imports(tmp_path)
     assert found == ["models/probe.py:2 mimkit.models.probe (layer 2) imports mimkit.train.engine (layer 6)"]
+    (tmp_path / "newtop.py").write_text("")  # a new top-level module must be given a layer
+    with pytest.raises(AssertionError, match="mimkit.newtop is in no layer"):
+        upward_imports(tmp_path)
 
 
 def test_no_source_file_is_over_500_lines():

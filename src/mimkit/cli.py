@@ -17,8 +17,8 @@ from mimkit.errors import MimkitError
 
 #: modules that add their own subcommands: each has ``register(groups, common)`` where ``groups`` maps
 #: "top", "eval", "visualize", "analyze" to argparse sub-parser collections and ``common`` is :func:`_common`.
-COMMAND_MODULES: list[str] = ["mimkit.commands.eval", "mimkit.commands.visualize", "mimkit.commands.analyze",
-                             "mimkit.commands.interop", "mimkit.commands.data", "mimkit.bench"]
+COMMAND_MODULES: list[str] = ["mimkit.bench", "mimkit.commands.interop", "mimkit.commands.visualize",
+                             "mimkit.commands.analyze", "mimkit.commands.eval", "mimkit.commands.data"]
 
 
 def _common(*, checkpoint: bool = False, which: bool = False, output: bool = True) -> argparse.ArgumentParser:

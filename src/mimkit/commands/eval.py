@@ -2,7 +2,8 @@
 and ``mimkit finetune``.
 
 Registered by :mod:`mimkit.cli` through ``register(groups, common)``. The commands only parse and dispatch;
-the work is in :mod:`mimkit.eval.linprobe`, :mod:`mimkit.finetune` and :mod:`mimkit.eval.robustness`.
+the work is in :mod:`mimkit.eval.knn`, :mod:`mimkit.eval.linprobe`, :mod:`mimkit.finetune` and
+:mod:`mimkit.eval.robustness`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ def register(groups, common) -> None:
     p = ev.add_parser("knn", parents=[common(checkpoint=True, which=True)], help="weighted kNN on frozen features")
     add_random_init(p)
     p.set_defaults(func=cmd_eval_knn)
-
 
     p = top.add_parser(
         "finetune", parents=[common(which=True)],

@@ -1,7 +1,7 @@
 """Typed settings of every command, resolved by one mechanism (:mod:`mimkit.config.mechanism`).
 
 - :mod:`~mimkit.config.pretrain`: ``mimkit pretrain`` (:class:`Config`, :func:`build_config`).
-- :mod:`~mimkit.config.linprobe`: ``mimkit linprobe`` (:class:`~mimkit.config.linprobe.LinprobeConfig`).
+- :mod:`~mimkit.config.linprobe`: ``mimkit eval linprobe`` (:class:`~mimkit.config.linprobe.LinprobeConfig`).
 - :mod:`~mimkit.config.finetune`: ``mimkit finetune`` (:class:`~mimkit.config.finetune.FinetuneConfig`).
 
 Presets ship in :mod:`mimkit.presets`; YAML files and ``--set section.key=value`` overrides go through the same

@@ -92,9 +92,12 @@ def validate(cfg: FinetuneConfig) -> FinetuneConfig:
     check_positive(cfg, "train.epochs", "train.batch_size", "train.accum_steps", "train.log_every",
                             "eval.batch_size")
     t, a = cfg.train, cfg.aug
-    if t.warmup_epochs < 0 or t.ckpt_every < 0 or t.ckpt_every_steps < 0:
-        raise MimkitError(f"train.warmup_epochs, train.ckpt_every and train.ckpt_every_steps must be >= 0, "
-                          f"got {t.warmup_epochs}, {t.ckpt_every}, {t.ckpt_every_steps}")
+    if t.warmup_epochs < 0 or t.ckpt_every < 0:
+        raise MimkitError(f"train.warmup_epochs and train.ckpt_every must be >= 0, "
+                          f"got {t.warmup_epochs}, {t.ckpt_every}")
+    if t.ckpt_every_steps < 0:
+        raise MimkitError(f"train.ckpt_every_steps must be an integer >= 0 (0 = checkpoints at epoch ends only), "
+                          f"got {t.ckpt_every_steps!r}")
     if not 0.0 < t.layer_decay <= 1.0:
         raise MimkitError(f"train.layer_decay must be in (0, 1] (1 = no decay), got {t.layer_decay}")
     if len(t.betas) != 2:

@@ -1,4 +1,4 @@
-"""Settings of ``mimkit linprobe`` (rc-mae.txt Table 11, MAE's protocol): sections data, model, train, aug, eval.
+"""Settings of ``mimkit eval linprobe`` (rc-mae.txt Table 11, MAE's protocol): sections data, model, train, aug, eval.
 
 ``data`` and ``model`` come from the pre-training checkpoint's run, and ``eval.pool`` too (every frozen
 evaluation pools as the run did unless told otherwise). The defaults are Table 11's optimiser and schedule with a

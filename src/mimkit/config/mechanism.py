@@ -4,6 +4,7 @@ preset or YAML file, and ``--set`` overrides, with one type coercion and one set
 Resolution (:func:`resolve`), least to most specific::
 
     dataclass defaults < the checkpoint's data/model sections (downstream commands) < --config preset/YAML < --set
+    < explicit flags (``--method``, ``--device``)
 
 Each command's sections live beside this module: :mod:`~mimkit.config.pretrain` (``mimkit pretrain``),
 :mod:`~mimkit.config.linprobe` and :mod:`~mimkit.config.finetune`. Unknown sections or keys and ill-typed values

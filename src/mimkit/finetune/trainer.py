@@ -8,8 +8,9 @@ smoothing 0.1 (timm ``Mixup`` + ``SoftTargetCrossEntropy``), global average pool
 
 Exact resume, as pre-training: the epoch's image order and every image's augmentation are functions of
 (seed, epoch, index); the global RNGs (drop path, mixup, random erasing) are re-seeded at every epoch start;
-checkpoints are written at epoch ends. A run killed at any moment and resumed from ``last.pt`` replays the
-interrupted epoch exactly. The step itself (accumulation, precision, clipping, logging, checkpoints, resume) is
+checkpoints are written at epoch ends and, with ``train.ckpt_every_steps=N``, every N optimiser steps inside an
+epoch (with the position in the epoch and the RNG states). A run killed at any moment and resumed from ``last.pt``
+replays the interrupted epoch, or the rest of it after a step checkpoint, exactly. The step itself (accumulation, precision, clipping, logging, checkpoints, resume) is
 :mod:`mimkit.train.engine`'s, shared with pre-training; :class:`FinetuneTask` says what a step and an epoch end are.
 """
 

@@ -198,6 +198,9 @@ def open_checkpoint(path: str | Path, *, overrides=(), device: str | None = "cpu
     """
     p = Path(path)
     if ckpt is None:
+        if p.is_dir() and not is_export_folder(p):
+            raise MimkitError(f"checkpoint {p} is a folder, not a checkpoint file; accepted: a mimkit .pt file "
+                              f"(e.g. {p / 'checkpoints' / 'last.pt'}) or an export folder holding model.safetensors")
         ckpt = _export_to_checkpoint(p, which) if is_export_folder(p) else load_checkpoint(p)
     kind = "export" if (ckpt.get("extra") or {}).get("export_folder") else checkpoint_kind(ckpt)
     in_chans = checkpoint_in_chans(ckpt)

@@ -132,23 +132,29 @@ def _first_sentence(text: str) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load one of our ``.pt`` checkpoints as a dict; every failure is one MimkitError line. The one file reader:
-    ``--resume``, ``train.init_from`` and :func:`mimkit.interop.loading.open_checkpoint` all read through it.
+    """Load one of our ``.pt`` files as a dict; every failure is one MimkitError line. The one reader of our
+    checkpoint files: ``--resume``, ``train.init_from`` and :func:`mimkit.interop.loading.open_checkpoint` (which
+    turns any checkpoint, export folders included, into a typed object) all read through it.
 
-    A missing path, a folder, a file that is not a torch file (text, truncated, another format) and a torch
-    file that is not ours each get their own message naming the path.
+    A missing path, a folder, a file that is not a torch file (text, truncated, another format), a torch file with
+    pickled Python objects (e.g. an official MAE ``.pth``) and a torch file that is not ours each get their own
+    message naming the path.
     """
     path = Path(path)
     if not path.exists():
         raise MimkitError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise MimkitError(f"checkpoint {path} is a folder, not a checkpoint file; accepted: a mimkit .pt file "
-                          f"(e.g. {path / 'checkpoints' / 'last.pt'}) or an export folder holding model.safetensors")
+                          f"(e.g. {path / 'checkpoints' / 'last.pt'})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError, KeyError,
             IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        reason = _first_sentence(str(e)) or type(e).__name__
+        reason = (_first_sentence(str(e)) or type(e).__name__)[:160]
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):  # a class weights_only refuses
+            raise MimkitError(f"{path} holds pickled Python objects beyond tensors (an official MAE / RC-MAE / SdAE "
+                              f".pth with its training arguments, say), so it is not a mimkit checkpoint; convert it "
+                              f"with `mimkit import --checkpoint {path} --out ours.pt`") from None
         raise MimkitError(f"checkpoint {path} cannot be read: truncated, corrupt or not a torch checkpoint file "
                           f"({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -2,7 +2,7 @@
 
 The step itself (accumulation, precision, clipping, hooks, logging, step/epoch checkpoints, exact resume) lives in
 :mod:`mimkit.train.engine`; this module says what a pre-training step and epoch end are (masks per micro-batch, the
-method's EMA hooks, kNN and pictures) and what the run folder holds.
+method's EMA hooks, the kNN monitor it is given (:attr:`Trainer.knn`) and pictures) and what the run folder holds.
 
 Determinism and exact resume: every source of randomness is a function of (seed, epoch[, batch]):
 the data order and augmentation come from generators seeded per epoch/batch, and the global RNG
@@ -198,9 +198,7 @@ class Trainer:
                     dropped = truncate_metrics(run_dir / "metrics.jsonl", ckpt["global_step"])
             log = RunLog(run_dir if env.is_main else None, echo=self.echo and env.is_main,
                          purge_step=(ckpt["global_step"] + 1) if ckpt else None,
-                         loggers=cfg.train.loggers, config=cfg.to_dict())
-            for line in () if resume else self.notes:
-                log.info(line)
+                         loggers=cfg.train.loggers, config=cfg.to_dict(), first_lines=() if resume else self.notes)
             return self._run(cfg, run_dir, ckpt, log, dropped, env, device)
         finally:
             if log is not None:
@@ -283,6 +281,9 @@ class Trainer:
             extra["teacher_regime"] = dataclasses.asdict(regime)
 
         has_labels = data.classes is not None and data.has_test and self.knn is not None
+        if self.knn is None and data.classes is not None and data.has_test:
+            log.info("note: no kNN monitor was given (mimkit.api.pretrain and `mimkit pretrain` pass "
+                     "mimkit.eval.knn.evaluate_knn): no kNN during or after training, eval.knn_* unused")
         eval_which = cfg.eval.which or method.default_which
         if ckpt is None and cfg.eval.knn_init and has_labels:
             res = self._knn(method, data, cfg, device, eval_which, show, env, log)

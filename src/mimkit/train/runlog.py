@@ -65,9 +65,11 @@ class RunLog:
     """Lines to stdout and ``train.log``; metrics to ``metrics.jsonl`` and TensorBoard (rank 0 only)."""
 
     def __init__(self, run_dir: Path | None, *, echo: bool = True, tensorboard: bool = True, purge_step: int | None = None,
-                 loggers: Sequence[str] = ("tensorboard",), config: dict[str, Any] | None = None):
+                 loggers: Sequence[str] = ("tensorboard",), config: dict[str, Any] | None = None,
+                 first_lines: Sequence[str] = ()):
         """``loggers``: ``train.loggers`` (tensorboard, wandb, mlflow, csv; see :mod:`mimkit.train.trackers`);
-        ``config``: the resolved config, logged as the trackers' parameters."""
+        ``config``: the resolved config, logged as the trackers' parameters; ``first_lines``: logged before anything
+        else (e.g. the command's preset line), on the console too with ``echo``."""
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.echo = echo
         self._tb = None
@@ -77,6 +79,9 @@ class RunLog:
         if self.run_dir is not None:
             self._text = open(self.run_dir / "train.log", "a", buffering=1)
             self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        for line in first_lines:
+            self.info(line)
+        if self.run_dir is not None:
             from mimkit.train.trackers import build_trackers
 
             self._trackers = build_trackers(loggers, self.run_dir, config, purge_step, self.info)
