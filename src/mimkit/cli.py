@@ -159,9 +159,6 @@ def cmd_config(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mimkit.runtime import configure_threads
-
-    configure_threads()  # before torch loads: idle OpenMP threads sleep (README, "Sharing the cores")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,7 +1,5 @@
-"""Small helpers shared by the trainer and the evaluation/export commands: threads, device and data from a config.
-
-This module does not import torch at import time, so :func:`configure_threads` can run before torch starts its
-OpenMP thread pool (the wait policy is read once, when the OpenMP runtime loads).
+"""Small helpers shared by the trainer and the evaluation/export commands: threads shared between jobs, the device
+and the data from a config. It does not import torch at import time.
 """
 
 from __future__ import annotations
@@ -15,25 +13,87 @@ from mimkit.errors import MimkitError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-#: what the ``mimkit`` command sets before torch loads, unless the variable is already set (issue 14 item 8):
-#: OpenMP threads that run out of work sleep at once instead of spinning, so two jobs sharing cores do not burn
-#: each other's time (GNU OpenMP: OMP_WAIT_POLICY; Intel OpenMP: KMP_BLOCKTIME)
-THREAD_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+class CoreShare:
+    """Intra-op threads shared among the mimkit jobs that run on this machine at the same time (issue 14 item 8).
 
+    Each job registers a file named by its pid in a directory every job on the machine sees
+    (``$MIMKIT_JOBS_DIR``, default ``<tmp>/mimkit-jobs-<uid>``); :meth:`adjust`, called by the training engine
+    between steps (at most every ``every_s`` seconds), counts the live jobs and sets torch's intra-op threads to
+    ``max(1, base // jobs)``, where ``base`` is the count the job started with: a job alone keeps all its threads,
+    two jobs on a 2-core machine get one thread each, and the threads come back when the other job ends. Measured
+    (docs/PERFORMANCE.md, "Two jobs on one machine"): with two threads each, two jobs slow each other to 0.2-0.35x of
+    a solo job, spinning OpenMP threads fighting for the cores; with one thread each they keep 0.64x of the best solo
+    rate, while a solo job keeps its two threads. Sleeping idle threads (``OMP_WAIT_POLICY=PASSIVE``) helped pairs
+    but made a solo 2-thread job 2.3x slower, so the wait policy is left to the OpenMP runtime.
 
-def configure_threads(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Apply :data:`THREAD_ENV_DEFAULTS` to ``environ`` (default ``os.environ``) where unset; returns what was set.
-
-    Must run before ``import torch`` to take effect. Override by setting the variables yourself (e.g.
-    ``OMP_WAIT_POLICY=ACTIVE`` for a machine the job has to itself); ``MIMKIT_THREAD_DEFAULTS=0`` sets nothing.
-    The number of intra-op threads stays torch's default (the physical cores) unless ``OMP_NUM_THREADS`` is set.
+    Off when the thread count was chosen by the user (``OMP_NUM_THREADS`` set, as torchrun sets it) or with
+    ``MIMKIT_SHARE_CORES=0``; :meth:`create` returns None then.
     """
-    environ = os.environ if environ is None else environ
-    if environ.get("MIMKIT_THREAD_DEFAULTS", "1") == "0":
-        return {}
-    applied = {k: v for k, v in THREAD_ENV_DEFAULTS.items() if k not in environ}
-    environ.update(applied)
-    return applied
+
+    def __init__(self, directory: str | os.PathLike | None = None, base: int | None = None, every_s: float = 5.0):
+        import tempfile
+        from pathlib import Path
+
+        import torch
+
+        self.base = int(base or torch.get_num_threads())
+        self.current = torch.get_num_threads()
+        self.every_s = every_s
+        default = Path(tempfile.gettempdir()) / f"mimkit-jobs-{os.getuid()}"
+        self.dir = Path(directory or os.environ.get("MIMKIT_JOBS_DIR") or default)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.file = self.dir / str(os.getpid())
+        self.file.write_text(str(self.base))
+        self._last = float("-inf")
+
+    @classmethod
+    def create(cls, device, environ: MutableMapping[str, str] | None = None, **kwargs) -> CoreShare | None:
+        """A share for a CPU job whose threads are mimkit's to choose, else None."""
+        environ = os.environ if environ is None else environ
+        if getattr(device, "type", device) != "cpu" or "OMP_NUM_THREADS" in environ \
+                or environ.get("MIMKIT_SHARE_CORES", "1") == "0":
+            return None
+        try:
+            return cls(**kwargs)
+        except OSError:  # an unwritable temp dir: no sharing, no failure
+            return None
+
+    def jobs(self) -> int:
+        """Live mimkit jobs registered here (this one included); files of dead processes are removed."""
+        n = 0
+        for entry in self.dir.iterdir():
+            try:
+                pid = int(entry.name)
+                os.kill(pid, 0)
+            except ValueError:
+                continue
+            except ProcessLookupError:
+                entry.unlink(missing_ok=True)
+                continue
+            except PermissionError:  # alive, another user's
+                pass
+            n += 1
+        return max(n, 1)
+
+    def adjust(self) -> int | None:
+        """Re-count the jobs (at most every ``every_s`` seconds); returns the new thread count when it changed."""
+        import time
+
+        import torch
+
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return None
+        self._last = now
+        want = max(1, self.base // self.jobs())
+        if want == self.current:
+            return None
+        torch.set_num_threads(want)
+        self.current = want
+        return want
+
+    def close(self) -> None:
+        self.file.unlink(missing_ok=True)
 
 
 def resolve_device(name: str) -> torch.device:

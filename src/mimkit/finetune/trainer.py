@@ -40,7 +40,7 @@ from mimkit.config.finetune import FinetuneConfig, finetune_config_from_dict, mi
 from mimkit.eval.accuracy import evaluate_classifier
 from mimkit.models.classifier import ViTClassifier, layer_decay_groups
 from mimkit.models.vit import ViTEncoder, resolve_model_spec
-from mimkit.runtime import datamodule_from_config, resolve_device
+from mimkit.runtime import CoreShare, datamodule_from_config, resolve_device
 from mimkit.train.checkpoint import load_checkpoint, make_checkpoint
 from mimkit.train.engine import Engine, EpochEnd, Schedule
 from mimkit.train.loop import (autocast_dtype, epoch_seed, resolve_resume, set_determinism, show_progress_default,
@@ -298,7 +298,8 @@ class Finetuner:
         task = FinetuneTask(self, cfg, model, data, batches, mixup, criterion, optimizer, scaler, device, log, show,
                             extra)
         engine = Engine(task, schedule, optimizer, scaler, amp_dtype, device, log, run_dir, show=show,
-                        wall_before=wall_before, t_start=t_start, extra=extra)
+                        wall_before=wall_before, t_start=t_start, extra=extra,
+                        share=None if tr.deterministic else CoreShare.create(device))
         step = engine.run(start_epoch, step, state)
         rates = engine.rates
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mimkit.errors import MimkitError
 from mimkit.progress import Progress
+from mimkit.runtime import CoreShare
 from mimkit.train.checkpoint import atomic_link, atomic_save, set_rng_state
 from mimkit.train.distributed import DistEnv, mean_over_ranks
 from mimkit.train.optim import lr_at, set_lr
@@ -166,6 +167,7 @@ class Engine:
     wall_before: float = 0.0                      # seconds spent in earlier sessions of this run
     t_start: float = field(default_factory=time.time)
     extra: dict = field(default_factory=dict)     # kept in every checkpoint (the engine adds its history)
+    share: CoreShare | None = None                # threads shared with other mimkit jobs (runtime.CoreShare)
     rates: list[float] = field(default_factory=list)
     last_record: dict[str, Any] = field(default_factory=dict)
 
@@ -181,6 +183,13 @@ class Engine:
     def run(self, start_epoch: int, step: int, resume: dict | None = None) -> int:
         """Train from ``start_epoch`` (finished epochs) / ``step``; ``resume`` is the checkpoint resumed from.
         Returns the global step at the end."""
+        try:
+            return self._run(start_epoch, step, resume)
+        finally:
+            if self.share is not None:
+                self.share.close()
+
+    def _run(self, start_epoch: int, step: int, resume: dict | None) -> int:
         s, task = self.schedule, self.task
         start_micro = int(resume.get("epoch_micro", 0)) if resume else 0
         session_epochs, session_t0 = 0, time.time()
@@ -243,6 +252,9 @@ class Engine:
             if not syncing:
                 continue  # accumulation micro-step: no optimiser step, no EMA update
             step = self._optimizer_step(epoch, step)
+            if self.share is not None and (threads := self.share.adjust()) is not None:
+                jobs = "alone again" if threads == self.share.base else "other mimkit jobs running on this machine"
+                self.log.info(f"{jobs}: {threads} intra-op thread(s) of {self.share.base} from step {step + 1}")
             progress = Progress(step, epoch, s.steps_per_epoch, total_steps, s.epochs)
             after = task.after_optimizer_step(progress)
             bar.update(1)

@@ -33,7 +33,7 @@ from mimkit.data.module import mix_seed
 from mimkit.methods import Method, Progress, build_method
 from mimkit.models.vit import compile_blocks
 from mimkit.methods.base import StepRandom
-from mimkit.runtime import datamodule_from_config, resolve_device
+from mimkit.runtime import CoreShare, datamodule_from_config, resolve_device
 from mimkit.train.distributed import (DistEnv, gather_tensors, init_distributed, on_main, shutdown,
                                       spread_over_ranks)
 from mimkit.train.checkpoint import load_checkpoint, make_checkpoint, set_rng_state
@@ -296,7 +296,8 @@ class Trainer:
                             optimizer, scaler, schedule)
         engine = Engine(task, schedule, optimizer, scaler, amp_dtype, device, log, run_dir, env=env,
                         no_sync=model.no_sync if env.enabled else None, show=show, wall_before=wall_before,
-                        t_start=t_start, extra=extra)
+                        t_start=t_start, extra=extra,
+                        share=None if tr.deterministic else CoreShare.create(device))
         task.engine = engine
         step = engine.run(start_epoch, step, ckpt)
         return self._finish(cfg, method, data, device, run_dir, log, extra, engine.last_record, engine.rates,
