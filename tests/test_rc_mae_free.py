@@ -360,3 +360,22 @@ def test_head_scope_keeps_only_the_exact_part():
     assert sorted(ch) == sorted(names)
     for n in names:
         torch.testing.assert_close(ch[n], cf[n])
+
+
+def test_direct_and_second_moment_forms_give_the_same_correction():
+    """Each tap forms [D_W | D_b] A either by accumulating A or by multiplying by D per token (the cheaper one);
+    forcing every tap into the other form changes the correction by float round-off only."""
+    a, b = _method(), _method()
+    _train(a, 2)
+    b.student.load_state_dict(a.student.state_dict())
+    b.load_method_state_dict(a.method_state_dict())
+    kinds = {tap.name: tap.direct for tap in a._taps}
+    assert kinds["decoder.pred"] and kinds["encoder.blocks.0.mlp.fc2"] and not kinds["encoder.blocks.0.attn.qkv"]
+    for tap in b._taps:
+        tap.direct = not tap.direct
+    images = _images(8, seed=4)
+    ca, cb = _correction(a, images, 1), _correction(b, images, 1)
+    assert ca.keys() == cb.keys() and len(ca) == 2 * len(a._taps)
+    for n in ca:
+        assert float(ca[n].abs().max()) > 0, n
+        torch.testing.assert_close(cb[n], ca[n], rtol=1e-4, atol=1e-9)

@@ -26,6 +26,10 @@ step, a correction added to the final gradients that stands in for ``gamma * gra
   the position embeddings are fixed. ``method.correction_tokens=K`` (0 = all) estimates each layer's ``A``
   from at most K tokens per image (a strided subset that moves with the step), the cost knob;
   ``method.correction_scope=head`` corrects the prediction head only (the exact part; ``D`` for the head only).
+* Two equal ways to form ``[D_W | D_b] A``, chosen per layer by cost: accumulate ``A`` (``2 (d_in + 1)^2``
+  FLOPs per token, then one product with ``D`` per step), or, when ``2 d_out <= d_in + 1`` (an MLP's second
+  layer, the prediction head), multiply by ``D`` per token: ``P = D_W x_n + D_b``, then ``sum_n w_n P_n [x_n; 1]^T``
+  (``4 d_out (d_in + 1)`` per token: a forward and a weight gradient of the layer). They differ by float round-off.
 
 ``A`` is summed over accumulation micro-steps and all-reduced over processes (with the global ``sigma^2``),
 so the correction is the same whatever the process count and accumulation (up to float round-off).
@@ -72,7 +76,11 @@ class _Tap:
         self.head = name == HEAD
         self.conv = isinstance(module, nn.Conv2d)
         self.d_out = module.weight.shape[0]
-        self.A: Tensor | None = None
+        # the cheaper of two equal forms: accumulate A ((d_in + 1)^2 per token) and multiply by D at the step,
+        # or multiply by D per token (a forward and a weight-gradient's work: 2 d_out (d_in + 1) per token)
+        self.direct = 2 * self.d_out <= self.in_dim() + 1
+        # A-form: A = sum_n w_n [x_n; 1][x_n; 1]^T, (d_in + 1)^2; direct: [D_W | D_b] A, (d_out, d_in + 1)
+        self.acc: Tensor | None = None
         self.handle = module.register_forward_hook(self._forward)
 
     def tokens(self, inp: Tensor) -> Tensor:
@@ -91,18 +99,38 @@ class _Tap:
             w = own._head_weights
             self.add(self.tokens(x), w.to(x.device))
             return
-        out.register_hook(lambda g: self.add(self.tokens(x), own._inner_weights(g, self.d_out, self.conv)))
+        out.register_hook(lambda g: self._backward(x, g))
 
-    def add(self, x: Tensor, w: Tensor) -> None:
-        """Accumulate ``sum_n w_n [x_n; 1][x_n; 1]^T`` over (a strided subset of) the tokens of x (B, n, d)."""
-        n = x.shape[1]
-        k = self.owner.correction_tokens
-        if k and n > k and not self.head:
+    def _backward(self, x: Tensor, grad: Tensor) -> None:
+        """An inner layer's tokens and output gradients: (a strided subset of) them weighted by ``||delta_n||^2``."""
+        x = self.tokens(x)
+        g = grad.detach().flatten(2).transpose(1, 2) if self.conv else grad.detach()   # (B, n, d_out)
+        n, k, factor = x.shape[1], self.owner.correction_tokens, 1.0
+        if k and n > k:  # the subset first: the weights of the other tokens are never computed
             stride = math.ceil(n / k)
             start = self.owner._subsample_offset % stride
-            x, w = x[:, start::stride], w[:, start::stride] * (n / len(range(start, n, stride)))
-        A = augmented_second_moment(x.reshape(-1, x.shape[-1]), w.reshape(-1))
-        self.A = A if self.A is None else self.A + A
+            x, g = x[:, start::stride], g[:, start::stride]
+            factor = n / len(range(start, n, stride))
+        w = self.owner._inner_weights(g, self.d_out)
+        self.add(x, w * factor if factor != 1.0 else w)
+
+    def add(self, x: Tensor, w: Tensor) -> None:
+        """Accumulate ``sum_n w_n [x_n; 1][x_n; 1]^T`` over the tokens of x (B, n, d) with weights w (B, n), or,
+        for a direct tap, that sum already multiplied by ``[D_W | D_b]`` (``D`` is fixed within a step)."""
+        x, w = x.reshape(-1, x.shape[-1]), w.reshape(-1)
+        if self.direct:
+            (wn, _), *bias = self.params()
+            D = self.owner.D
+            Dw = D[f"student.{wn}"].reshape(self.d_out, -1)
+            P = F.linear(x.float(), Dw, D[f"student.{bias[0][0]}"] if bias else None) * w.float()[:, None]
+            C = torch.cat([P.T @ x.float(), P.sum(0)[:, None]], dim=1)   # [D_W | D_b] sum_n w_n [x_n; 1][x_n; 1]^T
+            self.acc = C if self.acc is None else self.acc + C
+            return
+        A = augmented_second_moment(x, w)
+        self.acc = A if self.acc is None else self.acc + A
+
+    def acc_shape(self) -> tuple[int, int]:
+        return (self.d_out if self.direct else self.in_dim() + 1, self.in_dim() + 1)
 
     def in_dim(self) -> int:
         return self.module.weight[0].numel()
@@ -158,6 +186,8 @@ class RCMAEFree(MAE):
         mask = self.sample_mask(images)
         collect = self._collecting and self.training and torch.is_grad_enabled()
         if collect:
+            if not self.D:
+                self._ensure_D()                # direct taps multiply by D during the backward pass
             m = mask.mask.float()
             count = float(m.sum())
             p_dim = self.patch_size**2 * images.shape[1]
@@ -178,10 +208,11 @@ class RCMAEFree(MAE):
     def _capture_scale(self, g: Tensor) -> None:
         self._scale = g.detach().float()
 
-    def _inner_weights(self, grad: Tensor, d_out: int, conv: bool) -> Tensor:
-        """``|M| P ||delta_n||^2 / (2 d_out)`` per token (sigma^2 is divided out globally at the step)."""
-        g = grad.detach().float()
-        g2 = g.pow(2).sum(1).flatten(1) if conv else g.pow(2).sum(-1)   # (B, n)
+    def _inner_weights(self, grad: Tensor, d_out: int) -> Tensor:
+        """``|M| P ||delta_n||^2 / (2 d_out)`` per token of grad (B, n, d_out) (sigma^2 is divided out globally at
+        the step)."""
+        g = grad.float()
+        g2 = (g * g).sum(-1)                                             # (B, n)
         scale = self._scale if self._scale is not None else torch.ones((), device=g.device)
         return g2 / scale.pow(2).clamp_min(1e-30) * (self._cur[0] / (2.0 * d_out))
 
@@ -195,45 +226,48 @@ class RCMAEFree(MAE):
                 self.D[name] = torch.zeros_like(p, dtype=torch.float32)
 
     def _reduce(self) -> tuple[list[Tensor | None], float, float]:
-        """All-reduce the curvature sums and statistics; returns (A per tap, micro-steps, mean sigma^2)."""
+        """All-reduce the curvature sums and statistics; returns (sum per tap, micro-steps, mean sigma^2)."""
         import torch.distributed as dist
 
         stats = self._stats.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dev = next(self.student.parameters()).device
-            flat = [tap.A.reshape(-1) if tap.A is not None else torch.zeros((tap.in_dim() + 1) ** 2, device=dev)
+            flat = [tap.acc.reshape(-1) if tap.acc is not None else torch.zeros(math.prod(tap.acc_shape()), device=dev)
                     for tap in self._taps]
             buf = torch.cat(flat + [stats.to(dev, torch.float32)])
             dist.all_reduce(buf)
             out, i = [], 0
             for tap in self._taps:
-                n = (tap.in_dim() + 1) ** 2
-                out.append(buf[i:i + n].view(tap.in_dim() + 1, -1))
+                n = math.prod(tap.acc_shape())
+                out.append(buf[i:i + n].view(tap.acc_shape()))
                 i += n
             stats = buf[i:].double().cpu()
-            As = out
+            sums = out
         else:
-            As = [tap.A for tap in self._taps]
+            sums = [tap.acc for tap in self._taps]
         micro = float(stats[1])
-        return As, micro, float(stats[0]) / max(micro, 1.0)
+        return sums, micro, float(stats[0]) / max(micro, 1.0)
 
     @torch.no_grad()
     def correction(self) -> dict[str, Tensor]:
         """``gamma * [D_W | D_b] A`` per corrected parameter (``student.``-prefixed names), from the
         curvature collected since the last step; empty before any forward."""
         self._ensure_D()
-        As, micro, sigma2 = self._reduce()
+        sums, micro, sigma2 = self._reduce()
         out: dict[str, Tensor] = {}
         if micro == 0:
             return out
-        for tap, A in zip(self._taps, As):
-            if A is None:
+        for tap, acc in zip(self._taps, sums):
+            if acc is None:
                 continue
-            A = A / micro if tap.head else A / (micro * max(sigma2, 1e-12))
+            acc = acc / micro if tap.head else acc / (micro * max(sigma2, 1e-12))
             (wn, w), *bias = tap.params()
-            Dw = self.D[f"student.{wn}"].reshape(w.shape[0], -1)
-            Db = self.D[f"student.{bias[0][0]}"] if bias else torch.zeros_like(Dw[:, 0])
-            C = self.gamma * (torch.cat([Dw, Db[:, None]], dim=1) @ A)
+            if tap.direct:
+                C = self.gamma * acc
+            else:
+                Dw = self.D[f"student.{wn}"].reshape(w.shape[0], -1)
+                Db = self.D[f"student.{bias[0][0]}"] if bias else torch.zeros_like(Dw[:, 0])
+                C = self.gamma * (torch.cat([Dw, Db[:, None]], dim=1) @ acc)
             out[f"student.{wn}"] = C[:, :-1].reshape(w.shape).to(w.dtype)
             if bias:
                 out[f"student.{bias[0][0]}"] = C[:, -1].to(w.dtype)
@@ -241,7 +275,7 @@ class RCMAEFree(MAE):
 
     def reset_curvature(self) -> None:
         for tap in self._taps:
-            tap.A = None
+            tap.acc = None
         self._stats.zero_()
         self._scale = None
 
