@@ -379,3 +379,19 @@ def test_direct_and_second_moment_forms_give_the_same_correction():
     for n in ca:
         assert float(ca[n].abs().max()) > 0, n
         torch.testing.assert_close(cb[n], ca[n], rtol=1e-4, atol=1e-9)
+
+
+def test_curvature_sums_stay_float32_under_autocast():
+    """The head's tap runs inside the (bf16) autocast forward: its sums must not be computed in bf16."""
+    free = _method()
+    _train(free, 1)
+    w = torch.rand(4, 9, generator=torch.Generator().manual_seed(1))
+    for tap in (free._taps[0], next(t for t in free._taps if t.direct)):
+        x = torch.randn(4, 9, tap.in_dim(), generator=torch.Generator().manual_seed(0))
+        tap.acc = None
+        tap.add(x, w)
+        plain = tap.acc
+        tap.acc = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tap.add(x, w)
+        assert tap.acc.dtype == torch.float32 and torch.equal(tap.acc, plain), tap.name

@@ -117,17 +117,17 @@ class _Tap:
     def add(self, x: Tensor, w: Tensor) -> None:
         """Accumulate ``sum_n w_n [x_n; 1][x_n; 1]^T`` over the tokens of x (B, n, d) with weights w (B, n), or,
         for a direct tap, that sum already multiplied by ``[D_W | D_b]`` (``D`` is fixed within a step)."""
-        x, w = x.reshape(-1, x.shape[-1]), w.reshape(-1)
-        if self.direct:
-            (wn, _), *bias = self.params()
-            D = self.owner.D
-            Dw = D[f"student.{wn}"].reshape(self.d_out, -1)
-            P = F.linear(x.float(), Dw, D[f"student.{bias[0][0]}"] if bias else None) * w.float()[:, None]
-            C = torch.cat([P.T @ x.float(), P.sum(0)[:, None]], dim=1)   # [D_W | D_b] sum_n w_n [x_n; 1][x_n; 1]^T
-            self.acc = C if self.acc is None else self.acc + C
-            return
-        A = augmented_second_moment(x, w)
-        self.acc = A if self.acc is None else self.acc + A
+        x, w = x.reshape(-1, x.shape[-1]).float(), w.reshape(-1).float()
+        with torch.autocast(x.device.type, enabled=False):  # the head's hook runs inside the autocast forward
+            if self.direct:
+                (wn, _), *bias = self.params()
+                D = self.owner.D
+                Dw = D[f"student.{wn}"].reshape(self.d_out, -1)
+                P = F.linear(x, Dw, D[f"student.{bias[0][0]}"] if bias else None) * w[:, None]
+                C = torch.cat([P.T @ x, P.sum(0)[:, None]], dim=1)   # [D_W | D_b] sum_n w_n [x_n; 1][x_n; 1]^T
+            else:
+                C = augmented_second_moment(x, w)
+        self.acc = C if self.acc is None else self.acc + C
 
     def acc_shape(self) -> tuple[int, int]:
         return (self.d_out if self.direct else self.in_dim() + 1, self.in_dim() + 1)
