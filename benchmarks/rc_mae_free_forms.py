@@ -12,7 +12,8 @@ Rows (one process, one thread unless ``--threads``; every round times each row i
     taskset -c 1 python benchmarks/rc_mae_free_forms.py --size study --rounds 5 --steps 4
 
 ``--size study``: the CIFAR-10 study's fair profile (ViT 6 x 128, patch 4 at 32 px, decoder 1 x 96, batch 64);
-``--size tiny``: ViT-Tiny/4 at 32 px (12 x 192, decoder 2 x 128), batch 128.
+``--size tiny``: ViT-Tiny/4 at 32 px (12 x 192, decoder 2 x 128), batch 128; ``--size small``: ViT-S/16 at 224 px
+with its default decoder (256 x 4, as ``mimkit bench --model vit_small``), batch 32.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from mimkit.config import build_config
 from mimkit.methods import build_method
 from mimkit.train.optim import build_adamw
 
-SIZES = {
-    "study": (["model.embed_dim=128", "model.depth=6", "model.num_heads=4", "model.decoder_dim=96",
-               "model.decoder_depth=1", "model.decoder_heads=4"], 64),
-    "tiny": (["model.embed_dim=192", "model.depth=12", "model.num_heads=3", "model.decoder_dim=128",
-              "model.decoder_depth=2", "model.decoder_heads=4"], 128),
+SIZES = {  # overrides, batch, image side
+    "study": (["model.img_size=32", "model.patch_size=4", "model.embed_dim=128", "model.depth=6",
+               "model.num_heads=4", "model.decoder_dim=96", "model.decoder_depth=1", "model.decoder_heads=4"], 64, 32),
+    "tiny": (["model.img_size=32", "model.patch_size=4", "model.embed_dim=192", "model.depth=12", "model.num_heads=3",
+              "model.decoder_dim=128", "model.decoder_depth=2", "model.decoder_heads=4"], 128, 32),
+    "small": (["model.name=vit_small", "model.img_size=224", "model.patch_size=16", "model.embed_dim=null",
+               "model.depth=null", "model.num_heads=null", "model.decoder_dim=null", "model.decoder_depth=null",
+               "model.decoder_heads=null", "model.drop_path=0.0"], 32, 224),
 }
 ROWS = {"mae": ["method.name=mae"], "free-auto": ["method.name=rc-mae-free"],
         "free-A-everywhere": ["method.name=rc-mae-free"],
@@ -41,15 +45,15 @@ ROWS = {"mae": ["method.name=mae"], "free-auto": ["method.name=rc-mae-free"],
 
 class Row:
     def __init__(self, name: str, size: str):
-        model, self.batch = SIZES[size]
-        cfg = build_config(None, ["model.img_size=32", "model.patch_size=4", *model, *ROWS[name]])
+        model, self.batch, side = SIZES[size]
+        cfg = build_config(None, [*model, *ROWS[name]])
         torch.manual_seed(0)
         self.method = build_method(cfg, 3)
         if name == "free-A-everywhere":
             for tap in self.method._taps:
                 tap.direct = False
         self.opt = build_adamw(self.method.student.named_parameters(), 1e-4, 0.05, (0.9, 0.95))
-        self.x = torch.randn(self.batch, 3, 32, 32)
+        self.x = torch.randn(self.batch, 3, side, side)
         self.steps = 0
 
     def step(self) -> None:
