@@ -32,15 +32,40 @@ def run_tree(cmd: list[str], timeout: float, **kwargs):
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGSTOP)  # frozen, it cannot start a worker between the scan and the kill
-            for pid in [*_descendants(proc.pid), proc.pid]:
+            _wait_state(proc.pid, "TtZX")      # signals are asynchronous: wait until it has stopped
+            killed = [*_descendants(proc.pid), proc.pid]
+            for pid in killed:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             proc.wait()
+            for pid in killed:                 # and until each killed process has exited (a loaded core delays it)
+                _wait_state(pid, "ZX")
             raise
         out.seek(0), err.seek(0)
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (R, S, T, Z, ...), None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _wait_state(pid: int, states: str, limit: float = 10.0) -> None:
+    """Poll until ``pid`` is in one of ``states`` or gone (at most ``limit`` seconds)."""
+    import time
+
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        st = _state(pid)
+        if st is None or st in states:
+            return
+        time.sleep(0.01)
 
 
 def _descendants(root: int) -> list[int]:
