@@ -19,6 +19,7 @@ from mimkit.train.optim import build_adamw
 
 
 def _method(name="rc-mae-free", *extra):
+    """A tiny-config method, seeded."""
     torch.manual_seed(0)
     return build_method(build_config("demo", TINY + [f"method.name={name}", "model.drop_path=0.0", *extra]), 1)
 
@@ -111,6 +112,38 @@ def test_inner_layer_correction_is_the_documented_block_diagonal_form():
     assert 0.0 < float(cos) < 0.99
 
 
+def test_fisher_output_factor_is_the_per_image_empirical_fisher_product():
+    """method.output_factor=fisher, inner layer: |M| P / (2 L_r) sum_b <G_b, D> G_b with G_b = sum_n delta_n [a_n; 1]^T
+    (every token of image b, cross-token terms included), recomputed by hand."""
+    names = ["student.encoder.blocks.1.mlp.fc1.weight", "student.encoder.blocks.1.mlp.fc1.bias"]
+    free, _ = _pair(names)
+    fisher = _method("rc-mae-free", "method.output_factor=fisher")
+    fisher.student.load_state_dict(free.student.state_dict())
+    fisher.load_method_state_dict(free.method_state_dict())
+    layer = fisher.student.encoder.blocks[1].mlp.fc1
+    seen = {}
+
+    def tap(module, inputs, out):
+        seen["a"] = inputs[0].detach()
+        out.register_hook(lambda g: seen.update(g=g.detach()))
+
+    h = layer.register_forward_hook(tap)
+    fisher.step_random = StepRandom(5)
+    out = fisher(_images())
+    out.loss.backward()
+    h.remove()
+    corr = fisher.correction()
+    a, g = seen["a"], seen["g"]                                        # (B, n, d_in), (B, n, d_out)
+    aa = torch.cat([a, torch.ones(*a.shape[:2], 1)], -1)
+    Daug = torch.cat([fisher.D[names[0]], fisher.D[names[1]][:, None]], 1)
+    G = torch.einsum("bno,bni->boi", g, aa)                              # per-image gradients
+    q = torch.einsum("boi,oi->b", G, Daug)
+    C = (0.75 * 16 * 8 * 16) / (2 * float(out.loss.detach())) * torch.einsum("b,boi->oi", q, G)
+    torch.testing.assert_close(corr[names[0]], C[:, :-1], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(corr[names[1]], C[:, -1], rtol=1e-4, atol=1e-9)
+    assert all(t.direct for t in fisher._taps)
+
+
 def _train(method, steps, opt=None, start=0, seed=0):
     opt = opt or build_adamw(method.student.named_parameters(), 1e-2, 0.05, (0.9, 0.95))
     for i in range(start, start + steps):
@@ -168,9 +201,10 @@ def test_state_errors():
         free.load_method_state_dict(state)
 
 
-def test_accumulation_gives_the_same_correction():
+@pytest.mark.parametrize("factor", ["isotropic", "fisher"])
+def test_accumulation_gives_the_same_correction(factor):
     """One batch of 16 == two micro-batches of 8 with loss / 2 (the loop's accumulation)."""
-    one, two = _method(), _method()
+    one, two = (_method("rc-mae-free", f"method.output_factor={factor}") for _ in range(2))
     two.student.load_state_dict(one.student.state_dict())
     _train(one, 2)
     _train(two, 2)
@@ -204,6 +238,7 @@ def test_correction_tokens_subsample_is_close_and_head_stays_exact():
     (["method.correction_tokens=-1"], "method.correction_tokens must be an integer >= 0"),
     (["train.compile=true"], "train.compile=true is not available with rc-mae-free"),
     (["method.correction_scope=body"], "unknown value 'body' for method.correction_scope; accepted: all, head"),
+    (["method.output_factor=fisher", "method.correction_tokens=4"], "method.output_factor=fisher uses every token"),
 ])
 def test_config_errors(items, message):
     with pytest.raises(MimkitError, match=message):

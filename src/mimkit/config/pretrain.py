@@ -70,6 +70,7 @@ class MethodConfig:
     # rc-mae-free (also uses gamma and the EMA keys): tokens per image for each layer's curvature (0 = all)
     correction_tokens: int = 0
     correction_scope: str = "all"      # rc-mae-free: all (every linear map) | head (the prediction head only)
+    output_factor: str = "isotropic"   # rc-mae-free inner layers' output side: isotropic | fisher (per-image, experimental)
     # sdae
     teacher_input: str = "multifold"   # full | masked | crop | multifold
     folds: int = 3                     # SdAE: folds of masked tokens the teacher encodes (multifold)
@@ -134,6 +135,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("mae", "rc-mae", "sdae", "rc-mae-free"),
     "method.mask_mode": ("same", "different"),
     "method.correction_scope": ("all", "head"),
+    "method.output_factor": ("isotropic", "fisher"),
     "method.momentum_schedule": ("constant", "cosine"),
     "method.ema_unit": ("step", "epoch"),
     "method.teacher_input": ("full", "masked", "crop", "multifold"),
@@ -223,6 +225,9 @@ def validate(cfg: Config) -> None:
         if m.correction_tokens < 0:
             raise MimkitError(f"method.correction_tokens must be an integer >= 0 (0 = every token), "
                               f"got {m.correction_tokens}")
+        if m.output_factor == "fisher" and m.correction_tokens:
+            raise MimkitError(f"method.output_factor=fisher uses every token (a per-image product of two token "
+                              f"sums); got method.correction_tokens={m.correction_tokens}; accepted: 0")
         if t.compile:
             raise MimkitError("train.compile=true is not available with rc-mae-free (its per-layer hooks run "
                               "eagerly); accepted: train.compile=false")

@@ -30,7 +30,7 @@ def build_method(cfg, in_chans: int) -> Method:
 
         return RCMAEFree(spec, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, gamma=m.gamma,
                          momentum=momentum_schedule_from(m), correction_tokens=m.correction_tokens,
-                         correction_scope=m.correction_scope)
+                         correction_scope=m.correction_scope, output_factor=m.output_factor)
     if m.name == "sdae":
         from mimkit.methods.sdae import build_sdae
 

@@ -26,6 +26,9 @@ step, a correction added to the final gradients that stands in for ``gamma * gra
   the position embeddings are fixed. ``method.correction_tokens=K`` (0 = all) estimates each layer's ``A``
   from at most K tokens per image (a strided subset that moves with the step), the cost knob;
   ``method.correction_scope=head`` corrects the prediction head only (the exact part; ``D`` for the head only).
+* ``method.output_factor=fisher`` (experimental): the inner layers' output side from the per-image empirical
+  Fisher, ``|M| P / (2 sigma^2) sum_b <G_b, D> G_b`` with ``G_b = sum_n delta_n [a_n; 1]^T`` (cross-token terms
+  kept in expectation; every token; its norm overshoots the true gradient's, docs/analysis.md section 4).
 * Two equal ways to form ``[D_W | D_b] A``, chosen per layer by cost: accumulate ``A`` (``2 (d_in + 1)^2``
   FLOPs per token, then one product with ``D`` per step), or, when ``2 d_out <= d_in + 1`` (an MLP's second
   layer, the prediction head), multiply by ``D`` per token: ``P = D_W x_n + D_b``, then ``sum_n w_n P_n [x_n; 1]^T``
@@ -55,6 +58,7 @@ from mimkit.teacher import MomentumSchedule
 
 HEAD = "decoder.pred"
 SCOPES = ("all", "head")
+OUTPUT_FACTORS = ("isotropic", "fisher")
 
 
 def advance_difference(D: Tensor, delta: Tensor, momentum: float) -> Tensor:
@@ -78,7 +82,7 @@ class _Tap:
         self.d_out = module.weight.shape[0]
         # the cheaper of two equal forms: accumulate A ((d_in + 1)^2 per token) and multiply by D at the step,
         # or multiply by D per token (a forward and a weight-gradient's work: 2 d_out (d_in + 1) per token)
-        self.direct = 2 * self.d_out <= self.in_dim() + 1
+        self.direct = 2 * self.d_out <= self.in_dim() + 1 or (owner.output_factor == "fisher" and not self.head)
         # A-form: A = sum_n w_n [x_n; 1][x_n; 1]^T, (d_in + 1)^2; direct: [D_W | D_b] A, (d_out, d_in + 1)
         self.acc: Tensor | None = None
         self.handle = module.register_forward_hook(self._forward)
@@ -105,6 +109,9 @@ class _Tap:
         """An inner layer's tokens and output gradients: (a strided subset of) them weighted by ``||delta_n||^2``."""
         x = self.tokens(x)
         g = grad.detach().flatten(2).transpose(1, 2) if self.conv else grad.detach()   # (B, n, d_out)
+        if self.owner.output_factor == "fisher":
+            self._fisher(x, g)
+            return
         n, k, factor = x.shape[1], self.owner.correction_tokens, 1.0
         if k and n > k:  # the subset first: the weights of the other tokens are never computed
             stride = math.ceil(n / k)
@@ -113,6 +120,22 @@ class _Tap:
             factor = n / len(range(start, n, stride))
         w = self.owner._inner_weights(g, self.d_out)
         self.add(x, w * factor if factor != 1.0 else w)
+
+    def _fisher(self, x: Tensor, g: Tensor) -> None:
+        """Per-image empirical Fisher of the layer times D: ``|M| P / 2 * sum_b <G_b, D> G_b`` with the image's
+        gradient ``G_b = sum_n delta_n [x_n; 1]^T`` (sigma^2 divided out at the step)."""
+        own = self.owner
+        scale = own._scale if own._scale is not None else torch.ones((), device=g.device)
+        x, g = x.float(), g.float() / scale
+        (wn, _), *bias = self.params()
+        with torch.autocast(x.device.type, enabled=False):
+            Dw = own.D[f"student.{wn}"].reshape(self.d_out, -1)
+            P = F.linear(x, Dw, own.D[f"student.{bias[0][0]}"] if bias else None)        # (B, n, d_out)
+            q = (g * P).sum(dim=(1, 2))                                                      # <G_b, D>
+            gq = (g * (q * (own._cur[0] / 2.0))[:, None, None]).reshape(-1, self.d_out)
+            xf = x.reshape(-1, x.shape[-1])
+            C = torch.cat([gq.T @ xf, gq.sum(0)[:, None]], dim=1)
+        self.acc = C if self.acc is None else self.acc + C
 
     def add(self, x: Tensor, w: Tensor) -> None:
         """Accumulate ``sum_n w_n [x_n; 1][x_n; 1]^T`` over the tokens of x (B, n, d) with weights w (B, n), or,
@@ -149,7 +172,7 @@ class RCMAEFree(MAE):
 
     def __init__(self, spec: ModelSpec, mask_ratio: float = 0.75, norm_pix_loss: bool = True, gamma: float = 1.0,
                  momentum: MomentumSchedule = MomentumSchedule(0.996), correction_tokens: int = 0,
-                 correction_scope: str = "all"):
+                 correction_scope: str = "all", output_factor: str = "isotropic"):
         super().__init__(spec, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss)
         if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and math.isfinite(gamma)
                 and gamma >= 0):
@@ -160,12 +183,18 @@ class RCMAEFree(MAE):
                 and correction_tokens >= 0):
             raise MimkitError("method.correction_tokens must be an integer >= 0 (0 = every token), got "
                               f"{correction_tokens!r}")
+        if output_factor not in OUTPUT_FACTORS:
+            raise MimkitError(f"unknown method.output_factor {output_factor!r}; accepted: {', '.join(OUTPUT_FACTORS)}")
+        if output_factor == "fisher" and correction_tokens:
+            raise MimkitError(f"method.output_factor=fisher uses every token; got method.correction_tokens="
+                              f"{correction_tokens}; accepted: 0")
         if correction_scope not in SCOPES:
             raise MimkitError(f"unknown method.correction_scope {correction_scope!r}; accepted: {', '.join(SCOPES)}")
         self.gamma = float(gamma)
         self.momentum = momentum
         self.correction_tokens = correction_tokens
         self.correction_scope = correction_scope
+        self.output_factor = output_factor
         # scope "head": only the exact part (the prediction head's own D), at almost no cost
         self._taps = [_Tap(name, mod, self) for name, mod in self.student.named_modules()
                       if (isinstance(mod, nn.Linear) or name == "encoder.patch_embed.proj")
