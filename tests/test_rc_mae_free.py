@@ -66,6 +66,22 @@ def _correction(free, images, seed):
     return free.correction()
 
 
+def _step_seeing(method, layer, images, seed=5):
+    """Forward + backward with the mask of StepRandom(seed); returns (output, {"a": layer input, "g": dL/d output})."""
+    seen = {}
+
+    def tap(module, inputs, out):
+        seen["a"] = inputs[0].detach()
+        out.register_hook(lambda g: seen.update(g=g.detach()))
+
+    h = layer.register_forward_hook(tap)
+    method.step_random = StepRandom(seed)
+    out = method(images)
+    out.loss.backward()
+    h.remove()
+    return out, seen
+
+
 def test_head_correction_is_the_exact_consistency_gradient():
     head = ["student.decoder.pred.weight", "student.decoder.pred.bias"]
     free, rc = _pair(head)
@@ -86,17 +102,7 @@ def test_inner_layer_correction_is_the_documented_block_diagonal_form():
     free, rc = _pair(names)
     images = _images()
     layer = free.student.encoder.blocks[1].mlp.fc2
-    seen = {}
-
-    def tap(module, inputs, out):
-        seen["a"] = inputs[0].detach()
-        out.register_hook(lambda g: seen.update(g=g.detach()))
-
-    h = layer.register_forward_hook(tap)
-    free.step_random = StepRandom(5)
-    out = free(images)
-    out.loss.backward()
-    h.remove()
+    out, seen = _step_seeing(free, layer, images)
     corr = free.correction()
     m_p = 0.75 * 16 * 8 * 16
     a = seen["a"].reshape(-1, layer.in_features)
@@ -120,18 +126,7 @@ def test_fisher_output_factor_is_the_per_image_empirical_fisher_product():
     fisher = _method("rc-mae-free", "method.output_factor=fisher")
     fisher.student.load_state_dict(free.student.state_dict())
     fisher.load_method_state_dict(free.method_state_dict())
-    layer = fisher.student.encoder.blocks[1].mlp.fc1
-    seen = {}
-
-    def tap(module, inputs, out):
-        seen["a"] = inputs[0].detach()
-        out.register_hook(lambda g: seen.update(g=g.detach()))
-
-    h = layer.register_forward_hook(tap)
-    fisher.step_random = StepRandom(5)
-    out = fisher(_images())
-    out.loss.backward()
-    h.remove()
+    out, seen = _step_seeing(fisher, fisher.student.encoder.blocks[1].mlp.fc1, _images())
     corr = fisher.correction()
     a, g = seen["a"], seen["g"]                                        # (B, n, d_in), (B, n, d_out)
     aa = torch.cat([a, torch.ones(*a.shape[:2], 1)], -1)
