@@ -268,7 +268,7 @@ def test_gates_say_not_tested_and_pending(tmp_path):
     put_run(one, "mae", 0, 0.40, probe=0.60)
     put_run(one, "rc-mae-s", 0, 0.45, probe=0.61)
     out = find(report.Verdicts(report.Results(one)), "rc-mae-s-mae", "knn@mean", ("rc-mae-s", "teacher"))
-    assert out.verdict.startswith("pending") and out.test is None
+    assert out.verdict.startswith("pending: the seed noise has 0 of the 2 degrees of freedom") and out.test is None
 
 
 def test_report_has_the_regime_table_gates_rules_claims_and_figures(tmp_path):

@@ -201,7 +201,9 @@ class Verdicts:
                                            None if row.metric.startswith("rel_ce") else level,
                                            self.res.n_test(row.metric))
         if out.noise is None:
-            out.verdict = "pending: no seed-noise estimate yet (needs runs on 2+ seeds)"
+            df = self.pooled_for(row.metric).df
+            out.verdict = (f"pending: the seed noise has {df} of the {stats.MIN_POOLED_DF} degrees of freedom a verdict "
+                           "needs (each extra seed of a main variant adds one)")
             return out
         gain = out.d if row.better == "high" else -out.d
         if row.rel == "=":
