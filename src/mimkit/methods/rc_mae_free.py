@@ -127,10 +127,8 @@ class _Tap:
         own = self.owner
         scale = own._scale if own._scale is not None else torch.ones((), device=g.device)
         x, g = x.float(), g.float() / scale
-        (wn, _), *bias = self.params()
         with torch.autocast(x.device.type, enabled=False):
-            Dw = own.D[f"student.{wn}"].reshape(self.d_out, -1)
-            P = F.linear(x, Dw, own.D[f"student.{bias[0][0]}"] if bias else None)        # (B, n, d_out)
+            P = F.linear(x, *self.difference())                                              # (B, n, d_out)
             q = (g * P).sum(dim=(1, 2))                                                      # <G_b, D>
             gq = (g * (q * (own._cur[0] / 2.0))[:, None, None]).reshape(-1, self.d_out)
             xf = x.reshape(-1, x.shape[-1])
@@ -143,14 +141,17 @@ class _Tap:
         x, w = x.reshape(-1, x.shape[-1]).float(), w.reshape(-1).float()
         with torch.autocast(x.device.type, enabled=False):  # the head's hook runs inside the autocast forward
             if self.direct:
-                (wn, _), *bias = self.params()
-                D = self.owner.D
-                Dw = D[f"student.{wn}"].reshape(self.d_out, -1)
-                P = F.linear(x, Dw, D[f"student.{bias[0][0]}"] if bias else None) * w[:, None]
+                P = F.linear(x, *self.difference()) * w[:, None]
                 C = torch.cat([P.T @ x, P.sum(0)[:, None]], dim=1)   # [D_W | D_b] sum_n w_n [x_n; 1][x_n; 1]^T
             else:
                 C = augmented_second_moment(x, w)
         self.acc = C if self.acc is None else self.acc + C
+
+    def difference(self) -> tuple[Tensor, Tensor | None]:
+        """This layer's ``D_W`` as (d_out, d_in) and ``D_b`` (None without a bias)."""
+        (wn, _), *bias = self.params()
+        D = self.owner.D
+        return D[f"student.{wn}"].reshape(self.d_out, -1), (D[f"student.{bias[0][0]}"] if bias else None)
 
     def acc_shape(self) -> tuple[int, int]:
         return (self.d_out if self.direct else self.in_dim() + 1, self.in_dim() + 1)
@@ -294,8 +295,8 @@ class RCMAEFree(MAE):
             if tap.direct:
                 C = self.gamma * acc
             else:
-                Dw = self.D[f"student.{wn}"].reshape(w.shape[0], -1)
-                Db = self.D[f"student.{bias[0][0]}"] if bias else torch.zeros_like(Dw[:, 0])
+                Dw, Db = tap.difference()
+                Db = Db if Db is not None else torch.zeros_like(Dw[:, 0])
                 C = self.gamma * (torch.cat([Dw, Db[:, None]], dim=1) @ acc)
             out[f"student.{wn}"] = C[:, :-1].reshape(w.shape).to(w.dtype)
             if bias:
