@@ -146,8 +146,11 @@ class Verdicts:
 
     def pooled_for(self, metric: str) -> stats.Pooled:
         if metric not in self.pooled:
-            groups = [list(self.res.values(v, w, metric).values()) for v in MAIN if v in self.study.variants()
-                      for w in encoders_of(v)]
+            # one group per run: a teacher method's two encoders come from the same training run (at the end of
+            # an RC-MAE run they differ by a tenth of a point), so counting both would add degrees of freedom
+            # that are not independent replicates; the run's own encoder (the one its paper reports) stands for it
+            groups = [list(self.res.values(v, "default", metric).values()) for v in MAIN
+                      if v in self.study.variants()]
             self.pooled[metric] = stats.pooled_sd(groups)
         return self.pooled[metric]
 
@@ -405,8 +408,8 @@ def write_report(study: Study, out: Path, figure_dir: Path, command: str) -> Non
          "## Verdict rules", "",
          "- Paired seeds: d = mean over the seeds both arms have of (A - B).",
          "- Noise: the standard error of d is the larger of test-set sampling noise, sqrt(2 p (1 - p) / n) / "
-         "sqrt(seeds), and seed noise, sqrt(2) x the seed standard deviation pooled over every main run with 2+ seeds "
-         "(per metric) / sqrt(seeds), with the pooled degrees of freedom (Student's t). No verdict without a pooled "
+         "sqrt(seeds), and seed noise, sqrt(2) x the seed standard deviation pooled over every main variant with 2+ seeds "
+         "(per metric; one encoder per run, the one its paper reports: RC-MAE's teacher, SdAE's student) / sqrt(seeds), with the pooled degrees of freedom (Student's t). No verdict without a pooled "
          f"seed-noise estimate of >= {stats.MIN_POOLED_DF} degrees of freedom (\"pending\").",
          "- \"A better than B\": a two-sided t test of d; rejected in the claimed direction = **holds**, in the other "
          "= **does not hold**, otherwise **inconclusive**.",
