@@ -408,8 +408,9 @@ def write_report(study: Study, out: Path, figure_dir: Path, command: str) -> Non
          "## Verdict rules", "",
          "- Paired seeds: d = mean over the seeds both arms have of (A - B).",
          "- Noise: the standard error of d is the larger of test-set sampling noise, sqrt(2 p (1 - p) / n) / "
-         "sqrt(seeds), and seed noise, sqrt(2) x the seed standard deviation pooled over every main variant with 2+ seeds "
-         "(per metric; one encoder per run, the one its paper reports: RC-MAE's teacher, SdAE's student) / sqrt(seeds), with the pooled degrees of freedom (Student's t). No verdict without a pooled "
+         "sqrt(seeds), and seed noise, sqrt(2) x the seed standard deviation pooled over every main variant with 2+ "
+         "seeds (per metric; one encoder per run, the one its paper reports: RC-MAE's teacher, SdAE's student) / "
+         "sqrt(seeds), with the pooled degrees of freedom (Student's t). No verdict without a pooled "
          f"seed-noise estimate of >= {stats.MIN_POOLED_DF} degrees of freedom (\"pending\").",
          "- \"A better than B\": a two-sided t test of d; rejected in the claimed direction = **holds**, in the other "
          "= **does not hold**, otherwise **inconclusive**.",

@@ -28,7 +28,7 @@ MIN_POOLED_DF = 2  #: seed-noise degrees of freedom a verdict needs
 
 @dataclass(frozen=True)
 class Pooled:
-    """Seed standard deviation pooled over groups (runs of one variant/encoder on several seeds)."""
+    """Seed standard deviation pooled over groups (one variant's runs on several seeds, one encoder per run)."""
 
     sd: float | None
     df: int
